@@ -1,0 +1,76 @@
+"""The one transformer layer every softmax-attention backbone uses, so a strategy is written once.
+
+Fused QKV projection + `scaled_dot_product_attention` (flash / memory-efficient kernels on GPU), with
+norm placement, activation and eps configurable to match each backbone's checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention on a fused `qkv` Linear (rows [q; k; v], heads contiguous)."""
+
+    def __init__(self, d_model: int, n_heads: int, *, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, length, d_model = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        attn_mask = None if padding_mask is None else ~padding_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, d_model))
+
+
+class TransformerLayer(nn.Module):
+    """Attention + feed-forward block; post-norm (scGPT, BERT) or pre-norm."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_ff: int,
+        *,
+        dropout: float = 0.1,
+        attention_dropout: float = 0.0,
+        activation: str = "relu",
+        norm_first: bool = False,
+        eps: float = 1e-5,
+    ):
+        super().__init__()
+        self.norm_first = norm_first
+        self.self_attn = SelfAttention(d_model, n_heads, dropout=attention_dropout)
+        self.linear1 = nn.Linear(d_model, d_ff)
+        self.linear2 = nn.Linear(d_ff, d_model)
+        self.activation = ACTIVATIONS[activation]()
+        self.norm1 = nn.LayerNorm(d_model, eps=eps)
+        self.norm2 = nn.LayerNorm(d_model, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def _attention_block(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.dropout1(self.self_attn(x, padding_mask))
+
+    def _feed_forward_block(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.norm_first:
+            x = x + self._attention_block(self.norm1(x), padding_mask)
+            return x + self._feed_forward_block(self.norm2(x))
+        x = self.norm1(x + self._attention_block(x, padding_mask))
+        return self.norm2(x + self._feed_forward_block(x))

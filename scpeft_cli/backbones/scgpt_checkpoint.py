@@ -1,0 +1,158 @@
+"""Build scGPT from an official checkpoint folder (`best_model.pt`, `vocab.json`, `args.json`) or at random."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from scpeft_cli.backbones.base import LoadedBackbone, load_state_dict_exactly
+from scpeft_cli.backbones.scgpt import ScGPT, ScGPTArchitecture
+from scpeft_cli.console import info, warn
+from scpeft_cli.errors import UserError
+from scpeft_cli.tokenizers.scgpt import ScGPTTokenizer
+from scpeft_cli.tokenizers.vocab import GeneVocab
+
+CHECKPOINT_FILES = ("best_model.pt", "vocab.json", "args.json")
+
+# Pretraining-only or task-specific heads that fine-tuning replaces.
+IGNORED_PREFIXES = (
+    "decoder.",
+    "mvc_decoder.",
+    "flag_encoder.",
+    "cls_decoder.",
+    "bn.",
+    "dsbn.",
+    "batch_encoder.",
+    "grad_reverse_discriminator.",
+)
+
+_LAYER_KEY = re.compile(r"^transformer_encoder\.layers\.(\d+)\.(.+)$")
+# Three published spellings of the same fused attention tensors (identical [q; k; v] packing).
+_ATTENTION_KEYS = {
+    "self_attn.Wqkv.weight": "self_attn.qkv.weight",
+    "self_attn.Wqkv.bias": "self_attn.qkv.bias",
+    "self_attn.in_proj_weight": "self_attn.qkv.weight",
+    "self_attn.in_proj_bias": "self_attn.qkv.bias",
+    "self_attn._impl.Wqkv.weight": "self_attn.qkv.weight",
+    "self_attn._impl.Wqkv.bias": "self_attn.qkv.bias",
+    "self_attn._impl.out_proj.weight": "self_attn.out_proj.weight",
+    "self_attn._impl.out_proj.bias": "self_attn.out_proj.bias",
+}
+
+
+def convert_scgpt_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Official scGPT keys -> this tool's module names; returns (converted, ignored keys)."""
+    converted, ignored = {}, []
+    for key, tensor in state.items():
+        if key.startswith(IGNORED_PREFIXES):
+            ignored.append(key)
+            continue
+        match = _LAYER_KEY.match(key)
+        if match:
+            index, rest = match.groups()
+            key = f"layers.{index}.{_ATTENTION_KEYS.get(rest, rest)}"
+        converted[key] = tensor
+    return converted, ignored
+
+
+def read_checkpoint_folder(folder: str | Path) -> tuple[dict, GeneVocab, dict[str, torch.Tensor]]:
+    """args.json, vocab.json and the weights of an official scGPT folder, with a clear error per defect."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"scGPT checkpoint folder not found: {folder}; set backbone.checkpoint to a folder with {', '.join(CHECKPOINT_FILES)}")
+    absent = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+    if absent:
+        raise UserError(f"scGPT checkpoint folder {folder} lacks {', '.join(absent)}; it must hold {', '.join(CHECKPOINT_FILES)}")
+    try:
+        args = json.loads((folder / "args.json").read_text())
+    except ValueError as err:
+        raise UserError(f"cannot parse {folder / 'args.json'}: {err}") from err
+    vocab = GeneVocab.from_json(folder / "vocab.json")
+    try:
+        state = torch.load(folder / "best_model.pt", map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated files, pickles with code, non-torch files all land here
+        raise UserError(f"cannot load {folder / 'best_model.pt'} as a PyTorch state dict ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict):
+        raise UserError(f"{folder / 'best_model.pt'} holds a {type(state).__name__}, not a state dict")
+    return args, vocab, state
+
+
+def architecture_from_args(args: dict, vocab: GeneVocab, *, attention_dropout: float) -> ScGPTArchitecture:
+    """scGPT's args.json names (embsize, nheads, d_hid, nlayers, dropout) -> our architecture."""
+    try:
+        return ScGPTArchitecture(
+            d_model=int(args["embsize"]),
+            n_heads=int(args["nheads"]),
+            d_hid=int(args["d_hid"]),
+            n_layers=int(args["nlayers"]),
+            dropout=float(args.get("dropout", 0.2)),
+            attention_dropout=attention_dropout,
+            n_tokens=vocab.size,
+            pad_id=vocab.pad_id,
+        )
+    except KeyError as err:
+        raise UserError(f"args.json lacks {err}; is this an scGPT checkpoint folder?") from err
+
+
+def build_scgpt(
+    *,
+    name: str,
+    checkpoint: str | None,
+    d_model: int,
+    n_heads: int,
+    d_hid: int,
+    n_layers: int,
+    dropout: float,
+    attention_dropout: float,
+    vocab_size: int | None,
+    n_bins: int,
+    max_seq_len: int,
+    pad_value: float,
+    seed: int,
+    genes: Sequence[str] | None = None,
+) -> LoadedBackbone:
+    """scGPT from `checkpoint` (architecture from its args.json) or randomly initialised with `seed`.
+
+    A random model's vocabulary is the data's genes; its embedding table is padded to `vocab_size`
+    rows when given, so parameter counts match the preset.
+    """
+    if checkpoint:
+        args, vocab, state = read_checkpoint_folder(checkpoint)
+        arch = architecture_from_args(args, vocab, attention_dropout=attention_dropout)
+        n_bins = int(args.get("n_bins", n_bins))
+        pad_value = float(args.get("pad_value", pad_value))
+        model = ScGPT(arch)
+        converted, ignored = convert_scgpt_state_dict(state)
+        load_state_dict_exactly(model, converted, source=str(checkpoint))
+        if ignored:
+            heads = sorted({key.split(".")[0] for key in ignored})
+            info(f"ignored {len(ignored)} pretraining-only tensors ({', '.join(heads)})")
+        info(f"loaded scGPT checkpoint {checkpoint}: {arch.n_layers} layers, d_model {arch.d_model}, vocab {vocab.size}")
+    else:
+        if not genes and not vocab_size:
+            raise UserError("a randomly initialised backbone needs data (its genes form the vocabulary) or backbone.vocab_size")
+        vocab = GeneVocab.from_genes(genes or [])
+        n_tokens = max(vocab.size, vocab_size or 0)
+        arch = ScGPTArchitecture(
+            d_model=d_model,
+            n_heads=n_heads,
+            d_hid=d_hid,
+            n_layers=n_layers,
+            dropout=dropout,
+            attention_dropout=attention_dropout,
+            n_tokens=n_tokens,
+            pad_id=vocab.pad_id,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = ScGPT(arch)
+        warn(
+            f"backbone '{name}' is RANDOMLY INITIALISED (backbone.checkpoint=null): results are not those of a "
+            "pretrained model; set backbone.checkpoint=DIR to load real weights"
+        )
+    tokenizer = ScGPTTokenizer(vocab=vocab, n_bins=n_bins, max_seq_len=max_seq_len, pad_value=pad_value)
+    return LoadedBackbone(name=name, model=model, tokenizer=tokenizer, pretrained=bool(checkpoint), checkpoint=checkpoint)

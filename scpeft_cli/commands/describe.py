@@ -1,0 +1,65 @@
+"""`scpeft describe`: the same composed config as `train`; builds the model and reports what trains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from rich.table import Table
+
+from scpeft_cli import artifacts
+from scpeft_cli.assembly import assemble, parameter_counts
+from scpeft_cli.commands.guard import guarded
+from scpeft_cli.console import console
+from scpeft_cli.paths import config_dir
+
+
+def _classes_and_genes(cfg: DictConfig) -> tuple[int, list[str] | None]:
+    """Read the data only when the model's size depends on it (class count or a random model's genes)."""
+    needs_genes = not cfg.backbone.checkpoint and not cfg.backbone.get("vocab_size")
+    if cfg.task.n_classes and not needs_genes:
+        return int(cfg.task.n_classes), None
+    adata = instantiate(cfg.data)
+    n_classes = int(cfg.task.n_classes or len(adata.obs["label"].cat.categories))
+    return n_classes, list(adata.var_names)
+
+
+def describe(cfg: DictConfig, run_dir: Path) -> dict:
+    n_classes, genes = _classes_and_genes(cfg)
+    parts = assemble(cfg, n_classes=n_classes, genes=genes)
+    counts = parameter_counts(parts.model)
+    groups = parts.model.parameter_groups()
+
+    table = Table(title=f"{cfg.backbone.name} + {parts.strategy.name} ({n_classes} classes)")
+    for column in ("module group", "total", "trainable", "trainable %"):
+        table.add_column(column, justify="left" if column == "module group" else "right")
+    for group, (total, trainable) in groups.items():
+        table.add_row(group, f"{total:,}", f"{trainable:,}", f"{100 * trainable / total:.2f}")
+    table.add_section()
+    table.add_row(
+        "[bold]all[/]", f"[bold]{counts['total_params']:,}", f"[bold]{counts['trainable_params']:,}",
+        f"[bold]{100 * counts['trainable_fraction']:.2f}",
+    )
+    console.print(table)
+    console.print(
+        f"total {counts['total_params'] / 1e6:.2f}M, trainable {counts['trainable_params'] / 1e6:.2f}M; "
+        f"pretrained weights: {'yes' if parts.backbone.pretrained else 'NO (random initialisation)'}"
+    )
+    report = {
+        **counts,
+        "backbone": cfg.backbone.name,
+        "peft": parts.strategy.name,
+        "n_classes": n_classes,
+        "pretrained": parts.backbone.pretrained,
+        "groups": {g: {"total": t, "trainable": tr} for g, (t, tr) in groups.items()},
+    }
+    artifacts.write_json(run_dir / "describe.json", report)
+    console.print(f"wrote {run_dir / 'describe.json'}")
+    return report
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> None:
+    guarded(describe)(cfg)

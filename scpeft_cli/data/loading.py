@@ -1,0 +1,241 @@
+"""Load single-cell data into one "prepared" AnnData shape the rest of the CLI can rely on.
+
+Prepared means: ``X`` is CSR float32 log-normalised expression (normalize_total 1e4 + log1p),
+``var_names`` are unique gene identifiers, ``obs_names`` are unique cell ids, ``obs["label"]``
+is a string Categorical copied from the user's label column, and ``uns["scpeft_input"]``
+records where the data came from. This layer knows nothing about models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pandas as pd
+import scanpy as sc
+import scipy.sparse as sp
+
+from scpeft_cli.console import info, warn
+from scpeft_cli.errors import UserError
+
+TARGET_SUM = 1e4
+
+
+def load_pbmc68k_reduced(*, label_key: str = "bulk_labels", min_cells_per_class: int = 0) -> anndata.AnnData:
+    """The small PBMC dataset shipped inside scanpy: a demo that needs no download.
+
+    Its ``.X`` is scaled, so the log-normalised ``.raw`` is used (700 cells x 765 genes).
+    """
+    full = sc.datasets.pbmc68k_reduced()
+    return prepare(
+        full.raw.X,
+        obs=full.obs,
+        genes=full.raw.var_names,
+        source="pbmc68k_reduced",
+        path=None,
+        label_key=label_key,
+        gene_key=None,
+        layer="raw",
+        min_cells_per_class=min_cells_per_class,
+        drop_unlabeled=False,
+    )
+
+
+def read_h5ad(
+    *,
+    path: str,
+    label_key: str,
+    gene_key: str | None = None,
+    layer: str | None = None,
+    min_cells_per_class: int = 0,
+    drop_unlabeled: bool = False,
+) -> anndata.AnnData:
+    """Read a user's .h5ad (never modified) and prepare it.
+
+    ``gene_key`` names a ``var`` column with the gene identifiers (default: var_names);
+    ``layer`` takes the matrix from ``layers[layer]``, or from ``.raw`` when it is "raw".
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"data file not found: {file}; check data.path")
+    try:
+        source = anndata.read_h5ad(file)
+    except Exception as exc:  # anndata/h5py raise many types for a bad file
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise UserError(f"cannot read {file} as an .h5ad file ({reason}); give a valid AnnData .h5ad in data.path") from exc
+
+    matrix, var = _select_matrix(source, layer)
+    if gene_key is None:
+        genes = var.index
+    elif gene_key in var.columns:
+        genes = var[gene_key]
+    else:
+        raise UserError(
+            f"gene column '{gene_key}' not in var; available: {_names(var.columns)}; "
+            "set data.gene_key to one of them, or null to use var_names"
+        )
+    return prepare(
+        matrix,
+        obs=source.obs,
+        genes=genes,
+        source="h5ad",
+        path=str(file.resolve()),
+        label_key=label_key,
+        gene_key=gene_key,
+        layer=layer,
+        min_cells_per_class=min_cells_per_class,
+        drop_unlabeled=drop_unlabeled,
+    )
+
+
+def _select_matrix(adata: anndata.AnnData, layer: str | None) -> tuple[object, pd.DataFrame]:
+    """The expression matrix and its matching var table, as chosen by ``data.layer``."""
+    available = list(adata.layers.keys()) + (["raw"] if adata.raw is not None else [])
+    if layer is None:
+        if adata.X is None:
+            raise UserError(f"the file has no X matrix; set data.layer to one of: {_names(available)}")
+        return adata.X, adata.var
+    if layer == "raw" and adata.raw is not None:
+        return adata.raw.X, adata.raw.var
+    if layer in adata.layers:
+        return adata.layers[layer], adata.var
+    raise UserError(
+        f"layer '{layer}' not in the file; available: {_names(available)}; set data.layer to one of them, or null to use X"
+    )
+
+
+def prepare(
+    matrix: object,
+    *,
+    obs: pd.DataFrame,
+    genes: object,
+    source: str,
+    path: str | None,
+    label_key: str,
+    gene_key: str | None,
+    layer: str | None,
+    min_cells_per_class: int,
+    drop_unlabeled: bool,
+) -> anndata.AnnData:
+    """Validate, clean and log-normalise a matrix (cells x genes) into a new prepared AnnData.
+
+    ``genes`` holds one identifier per column; ``obs`` (one row per cell) is copied, not modified.
+    """
+    if label_key not in obs.columns:
+        raise UserError(
+            f"label column '{label_key}' not in obs; available: {_names(obs.columns)}; set data.label_key to one of them"
+        )
+    if min_cells_per_class < 0:
+        raise UserError(f"data.min_cells_per_class must be >= 0, got {min_cells_per_class}")
+    matrix = _to_csr_float32(matrix)
+    _check_values(matrix)
+    genes = pd.Index(np.asarray(genes).astype(str))
+    _check_genes(genes)
+    adata = anndata.AnnData(X=matrix, obs=obs.copy(), var=pd.DataFrame(index=genes))
+    if not adata.obs_names.is_unique:
+        warn(f"{int(adata.obs_names.duplicated().sum())} duplicated cell ids; making them unique")
+        adata.obs_names_make_unique()
+
+    adata = _drop_unlabeled(adata, label_key, drop_unlabeled)
+    adata = _drop_empty_cells(adata)
+    adata.obs["label"] = pd.Categorical(adata.obs[label_key].astype(str))
+    adata = _drop_small_classes(adata, min_cells_per_class)
+
+    input_kind = "counts" if np.all(adata.X.data == np.round(adata.X.data)) else "log_normalized"
+    if input_kind == "counts":
+        sc.pp.normalize_total(adata, target_sum=TARGET_SUM)
+        sc.pp.log1p(adata)
+        adata.X = _to_csr_float32(adata.X)
+
+    adata.uns["scpeft_input"] = {
+        "source": source,
+        "path": path,
+        "label_key": label_key,
+        "gene_key": gene_key,
+        "layer": layer,
+        "input_kind": input_kind,
+        "n_cells": int(adata.n_obs),
+        "n_genes": int(adata.n_vars),
+    }
+    n_classes = len(adata.obs["label"].cat.categories)
+    info(f"Data ({path or source}): {adata.n_obs} cells, {adata.n_vars} genes, {n_classes} classes, input: {input_kind}")
+    return adata
+
+
+def _to_csr_float32(matrix: object) -> sp.csr_matrix:
+    """Everything downstream assumes CSR float32 with no stored zeros."""
+    try:
+        csr = sp.csr_matrix(matrix, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"the expression matrix is not numeric ({exc}); set data.layer to a numeric matrix") from exc
+    csr.sum_duplicates()
+    csr.eliminate_zeros()
+    return csr
+
+
+def _check_values(matrix: sp.csr_matrix) -> None:
+    """Negative or non-finite values mean scaled (z-scored) data, which the models cannot use."""
+    hint = "scaled data was probably given; point data.layer at counts or log-normalised values (data.layer=raw uses .raw)"
+    n_bad = int((~np.isfinite(matrix.data)).sum())
+    if n_bad:
+        raise UserError(f"the expression matrix has {n_bad} NaN or infinite values; {hint}")
+    n_negative = int((matrix.data < 0).sum())
+    if n_negative:
+        raise UserError(f"the expression matrix has {n_negative} negative values; {hint}")
+
+
+def _check_genes(genes: pd.Index) -> None:
+    """Duplicated gene identifiers would map two columns to one vocabulary token."""
+    duplicated = genes[genes.duplicated()].unique()
+    if len(duplicated):
+        raise UserError(
+            f"{len(duplicated)} duplicated gene identifiers (e.g. {_names(duplicated[:5])}); "
+            "set data.gene_key to a column with unique identifiers or make them unique"
+        )
+
+
+def _drop_unlabeled(adata: anndata.AnnData, label_key: str, drop: bool) -> anndata.AnnData:
+    missing = adata.obs[label_key].isna().to_numpy()
+    n_missing = int(missing.sum())
+    if not n_missing:
+        return adata
+    if not drop:
+        raise UserError(
+            f"{n_missing} cells have no label in obs['{label_key}']; fix the labels or set data.drop_unlabeled=true to drop them"
+        )
+    if n_missing == adata.n_obs:
+        raise UserError(f"all {n_missing} cells have no label in obs['{label_key}']; choose another data.label_key")
+    warn(f"dropping {n_missing} cells with no label in obs['{label_key}']")
+    return adata[~missing].copy()
+
+
+def _drop_empty_cells(adata: anndata.AnnData) -> anndata.AnnData:
+    """A cell without any expressed gene carries no signal and breaks normalisation."""
+    empty = adata.X.getnnz(axis=1) == 0
+    n_empty = int(empty.sum())
+    if n_empty == adata.n_obs:
+        raise UserError("every cell has all-zero expression; check data.layer points at the expression matrix")
+    if n_empty:
+        warn(f"dropping {n_empty} cells whose expression is all zero")
+        return adata[~empty].copy()
+    return adata
+
+
+def _drop_small_classes(adata: anndata.AnnData, min_cells: int) -> anndata.AnnData:
+    """Tiny classes cannot be split into train/val/test, so the user may ask to drop them."""
+    counts = adata.obs["label"].value_counts()
+    small = counts[counts < min_cells]
+    if small.empty:
+        return adata
+    if len(small) == len(counts):
+        raise UserError(f"every class has fewer than {min_cells} cells; lower data.min_cells_per_class")
+    listed = ", ".join(f"{name} ({count})" for name, count in small.items())
+    warn(f"dropping {len(small)} classes with fewer than {min_cells} cells: {listed}")
+    adata = adata[~adata.obs["label"].isin(small.index)].copy()
+    adata.obs["label"] = adata.obs["label"].cat.remove_unused_categories()
+    return adata
+
+
+def _names(values: object) -> str:
+    return ", ".join(str(v) for v in values) or "(none)"

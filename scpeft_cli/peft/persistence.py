@@ -1,0 +1,34 @@
+"""Adapter-only checkpoints: the trained tensors as safetensors plus the config that rebuilds the model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
+from scpeft_cli.peft.model import PeftModel
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+
+
+def save_adapter(model: PeftModel, directory: str | Path, *, config: dict[str, Any]) -> int:
+    """Write the trainable tensors and `config`; returns the weight file's size in bytes."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().cpu().contiguous() for name, t in model.trainable_state_dict().items()}
+    weights = directory / WEIGHTS_FILE
+    tmp = weights.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "strategy": model.strategy.name})
+    tmp.replace(weights)
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
+    return weights.stat().st_size
+
+
+def load_adapter(model: PeftModel, directory: str | Path) -> dict[str, Any]:
+    """Load the trained tensors saved by `save_adapter` into `model`; returns the saved config."""
+    directory = Path(directory)
+    model.load_trainable_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+    return json.loads((directory / CONFIG_FILE).read_text())
