@@ -78,13 +78,21 @@ def read_checkpoint_folder(folder: str | Path) -> tuple[dict, GeneVocab, dict[st
         raise UserError(f"cannot load {folder / 'best_model.pt'} as a PyTorch state dict ({type(err).__name__}: {err})") from err
     if not isinstance(state, dict):
         raise UserError(f"{folder / 'best_model.pt'} holds a {type(state).__name__}, not a state dict")
+    not_tensors = [str(key) for key, value in state.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise UserError(
+            f"{folder / 'best_model.pt'} is not a plain state dict: {', '.join(not_tensors[:5])} are not tensors "
+            "(a training checkpoint? save model.state_dict())"
+        )
     return args, vocab, state
 
 
 def architecture_from_args(args: dict, vocab: GeneVocab, *, attention_dropout: float) -> ScGPTArchitecture:
     """scGPT's args.json names (embsize, nheads, d_hid, nlayers, dropout) -> our architecture."""
+    if not isinstance(args, dict):
+        raise UserError("args.json must be a JSON object of scGPT training arguments")
     try:
-        return ScGPTArchitecture(
+        arch = ScGPTArchitecture(
             d_model=int(args["embsize"]),
             n_heads=int(args["nheads"]),
             d_hid=int(args["d_hid"]),
@@ -96,6 +104,18 @@ def architecture_from_args(args: dict, vocab: GeneVocab, *, attention_dropout: f
         )
     except KeyError as err:
         raise UserError(f"args.json lacks {err}; is this an scGPT checkpoint folder?") from err
+    except (TypeError, ValueError) as err:
+        raise UserError(f"args.json has an invalid architecture value ({err})") from err
+    if arch.d_model % arch.n_heads:
+        raise UserError(f"args.json: embsize {arch.d_model} is not divisible by nheads {arch.n_heads}")
+    return arch
+
+
+def _tokenizer_args(args: dict, *, n_bins: int, pad_value: float) -> tuple[int, float]:
+    try:
+        return int(args.get("n_bins", n_bins)), float(args.get("pad_value", pad_value))
+    except (TypeError, ValueError) as err:
+        raise UserError(f"args.json has an invalid n_bins or pad_value ({err})") from err
 
 
 def build_scgpt(
@@ -123,11 +143,14 @@ def build_scgpt(
     if checkpoint:
         args, vocab, state = read_checkpoint_folder(checkpoint)
         arch = architecture_from_args(args, vocab, attention_dropout=attention_dropout)
-        n_bins = int(args.get("n_bins", n_bins))
-        pad_value = float(args.get("pad_value", pad_value))
+        n_bins, pad_value = _tokenizer_args(args, n_bins=n_bins, pad_value=pad_value)
         model = ScGPT(arch)
         converted, ignored = convert_scgpt_state_dict(state)
-        load_state_dict_exactly(model, converted, source=str(checkpoint))
+        load_state_dict_exactly(
+            model,
+            converted,
+            source=f"{checkpoint} (keys transformer_encoder.layers.N.* are shown as layers.N.*, self_attn.Wqkv/in_proj as self_attn.qkv)",
+        )
         if ignored:
             heads = sorted({key.split(".")[0] for key in ignored})
             info(f"ignored {len(ignored)} pretraining-only tensors ({', '.join(heads)})")

@@ -1,0 +1,141 @@
+"""scGPT tokenisation: bins as upstream, <cls> first, non-zero genes only, padding, seeded determinism."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from scpeft_cli.errors import UserError
+from scpeft_cli.tokenizers.scgpt import ScGPTTokenizer, quantile_bins
+from scpeft_cli.tokenizers.vocab import CLS_TOKEN, PAD_TOKEN, GeneVocab
+
+N_BINS = 11
+
+
+def reference_bins(X: sp.csr_matrix, n_bins: int, rng: np.random.Generator) -> np.ndarray:
+    """Upstream scGPT's per-cell binning (np.quantile + two-sided np.digitize with random ties), cell by cell."""
+    out = []
+    for i in range(X.shape[0]):
+        x = X.data[X.indptr[i] : X.indptr[i + 1]]
+        if len(x) == 0:
+            continue
+        edges = np.quantile(x, np.linspace(0, 1, n_bins - 1))
+        left, right = np.digitize(x, edges), np.digitize(x, edges, right=True)
+        out.append(np.ceil(rng.random(len(x)) * (right - left) + left).astype(np.int64))
+    return np.concatenate(out)
+
+
+def random_counts(n_cells=60, n_genes=40, density=0.4, seed=0, with_ties=True) -> sp.csr_matrix:
+    rng = np.random.default_rng(seed)
+    dense = rng.poisson(1.5, size=(n_cells, n_genes)).astype(np.float64) * (rng.random((n_cells, n_genes)) < density)
+    if not with_ties:
+        dense = dense * rng.uniform(0.5, 1.5, size=dense.shape)
+    X = sp.csr_matrix(np.log1p(dense))
+    X.eliminate_zeros()
+    X.sort_indices()
+    return X
+
+
+@pytest.mark.parametrize("with_ties", [True, False])
+def test_bins_equal_upstream_per_cell_reference(with_ties):
+    X = random_counts(with_ties=with_ties)
+    ours = quantile_bins(X, N_BINS, np.random.default_rng(7))
+    reference = reference_bins(X, N_BINS, np.random.default_rng(7))
+    np.testing.assert_array_equal(ours, reference)
+    assert ours.min() >= 1 and ours.max() <= N_BINS - 1
+
+
+def test_bins_are_monotone_in_expression_within_a_cell():
+    X = random_counts(with_ties=False)
+    codes = quantile_bins(X, N_BINS, np.random.default_rng(0))
+    for i in range(X.shape[0]):
+        values, cell_codes = X.data[X.indptr[i] : X.indptr[i + 1]], codes[X.indptr[i] : X.indptr[i + 1]]
+        order = np.argsort(values)
+        assert np.all(np.diff(cell_codes[order]) >= 0)
+        if len(values) > 1:
+            assert cell_codes[order[-1]] == N_BINS - 1
+
+
+def make_tokenizer(genes, **kwargs) -> ScGPTTokenizer:
+    return ScGPTTokenizer(vocab=GeneVocab.from_genes(genes), n_bins=N_BINS, **kwargs)
+
+
+def test_cells_start_with_cls_and_hold_exactly_their_nonzero_genes():
+    X = random_counts()
+    genes = [f"G{i}" for i in range(X.shape[1])]
+    tokenizer = make_tokenizer(genes)
+    tokens = tokenizer.tokenize(X, genes, seed=0)
+    vocab = tokenizer.vocab.token_to_id
+    assert len(tokens) == X.shape[0]
+    for i in range(X.shape[0]):
+        ids, values = tokens.cell(i)
+        assert ids[0] == vocab[CLS_TOKEN] and values[0] == 0
+        expected = {vocab[genes[j]] for j in X.indices[X.indptr[i] : X.indptr[i + 1]]}
+        assert set(ids[1:].tolist()) == expected and len(ids) - 1 == len(expected)
+        assert np.all((values[1:] >= 1) & (values[1:] <= N_BINS - 1))
+
+
+def test_genes_outside_the_vocabulary_are_dropped_and_order_of_columns_does_not_matter():
+    X = random_counts()
+    genes = [f"G{i}" for i in range(X.shape[1])]
+    tokenizer = make_tokenizer(genes[: len(genes) // 2])
+    tokens = tokenizer.tokenize(X, genes, seed=0)
+    known = {tokenizer.vocab.token_to_id[g] for g in genes[: len(genes) // 2]}
+    assert set(tokens.gene_ids.tolist()) <= known | {tokenizer.vocab.cls_id}
+
+
+def test_no_overlap_is_a_clear_error():
+    X = random_counts()
+    tokenizer = make_tokenizer(["ACTB", "CD3E"])
+    with pytest.raises(UserError, match="none of the .* genes are in the model vocabulary"):
+        tokenizer.tokenize(X, [f"ENSG{i:011d}" for i in range(X.shape[1])], seed=0)
+
+
+def test_long_cells_are_subsampled_keeping_cls_and_seeded():
+    X = random_counts(density=0.9)
+    genes = [f"G{i}" for i in range(X.shape[1])]
+    tokenizer = make_tokenizer(genes, max_seq_len=10)
+    a, b, c = (tokenizer.tokenize(X, genes, seed=s) for s in (1, 1, 2))
+    assert a.lengths.max() == 10
+    assert all(a.cell(i)[0][0] == tokenizer.vocab.cls_id for i in range(len(a)))
+    np.testing.assert_array_equal(a.gene_ids, b.gene_ids)
+    np.testing.assert_array_equal(a.values, b.values)
+    assert not np.array_equal(a.gene_ids, c.gene_ids)
+    # every kept gene carries the bin it had before subsampling
+    full = make_tokenizer(genes).tokenize(X, genes, seed=1)
+    for i in range(len(a)):
+        full_bins = dict(zip(*map(np.ndarray.tolist, full.cell(i))))
+        ids, values = a.cell(i)
+        assert all(full_bins[g] == v for g, v in zip(ids.tolist(), values.tolist()))
+
+
+def test_collate_pads_right_with_pad_token_and_value():
+    X = random_counts()
+    genes = [f"G{i}" for i in range(X.shape[1])]
+    tokenizer = make_tokenizer(genes, pad_value=-2.0)
+    tokens = tokenizer.tokenize(X, genes, seed=0)
+    cells = [tokens.cell(i) for i in range(5)]
+    batch = tokenizer.collate(cells)
+    width = max(len(ids) for ids, _ in cells)
+    assert batch["gene_ids"].shape == (5, width)
+    for row, (ids, values) in enumerate(cells):
+        n = len(ids)
+        assert batch["gene_ids"][row, :n].tolist() == ids.tolist()
+        assert batch["values"][row, :n].tolist() == values.tolist()
+        assert (batch["gene_ids"][row, n:] == tokenizer.vocab.token_to_id[PAD_TOKEN]).all()
+        assert (batch["values"][row, n:] == -2.0).all()
+        assert batch["padding_mask"][row].tolist() == [False] * n + [True] * (width - n)
+
+
+def test_tokenisation_is_deterministic_per_seed():
+    X = random_counts()
+    genes = [f"G{i}" for i in range(X.shape[1])]
+    tokenizer = make_tokenizer(genes)
+    first, second, other = (tokenizer.tokenize(X, genes, seed=s) for s in (3, 3, 4))
+    np.testing.assert_array_equal(first.values, second.values)
+    assert not np.array_equal(first.values, other.values)  # ties are spread at random
+
+
+def test_vocab_from_genes_is_alphabetical_then_special_tokens():
+    vocab = GeneVocab.from_genes(["B", "A", "C"])
+    assert vocab.token_to_id == {"A": 0, "B": 1, "C": 2, "<pad>": 3, "<cls>": 4, "<eoc>": 5}
+    assert vocab.size == 6 and vocab.pad_id == 3 and vocab.cls_id == 4
