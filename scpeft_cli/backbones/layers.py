@@ -2,6 +2,12 @@
 
 Fused QKV projection + `scaled_dot_product_attention` (flash / memory-efficient kernels on GPU), with
 norm placement, activation and eps configurable to match each backbone's checkpoint.
+
+Insertion points for PEFT strategies (empty by default, so a plain layer computes exactly the backbone):
+- `scpeft_attn_adapter`: applied to the output of the attention sub-block (after norm1 when post-norm);
+- `scpeft_ffn_adapter`: its output on the feed-forward sub-block's input is added after that sub-block;
+- `self_attn.qkv` / `out_proj` / `linear1` / `linear2`: the Linear layers LoRA-family methods wrap;
+- `run_layers(..., prompts=...)`: a hook before each layer and after the stack (deep prompts).
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ class TransformerLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
+        self.scpeft_attn_adapter: nn.Module = nn.Identity()
+        self.scpeft_ffn_adapter: nn.Module | None = None
 
     def _attention_block(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
         return self.dropout1(self.self_attn(x, padding_mask))
@@ -70,7 +78,34 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.norm_first:
-            x = x + self._attention_block(self.norm1(x), padding_mask)
-            return x + self._feed_forward_block(self.norm2(x))
-        x = self.norm1(x + self._attention_block(x, padding_mask))
-        return self.norm2(x + self._feed_forward_block(x))
+            x = self.scpeft_attn_adapter(x + self._attention_block(self.norm1(x), padding_mask))
+            out = x + self._feed_forward_block(self.norm2(x))
+        else:
+            x = self.scpeft_attn_adapter(self.norm1(x + self._attention_block(x, padding_mask)))
+            out = self.norm2(x + self._feed_forward_block(x))
+        if self.scpeft_ffn_adapter is not None:
+            out = out + self.scpeft_ffn_adapter(x)
+        return out
+
+
+class PromptHook(nn.Module):
+    """Deep-prompt insertion point: may change the sequence before each layer and after the stack."""
+
+    def before_layer(self, index: int, x: torch.Tensor, padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, padding_mask
+
+    def after_stack(self, x: torch.Tensor, padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, padding_mask
+
+
+def run_layers(
+    layers: nn.ModuleList, x: torch.Tensor, padding_mask: torch.Tensor, prompts: PromptHook | None = None
+) -> torch.Tensor:
+    """The layer stack, with the prompt hook (if any) around each layer."""
+    for index, layer in enumerate(layers):
+        if prompts is not None:
+            x, padding_mask = prompts.before_layer(index, x, padding_mask)
+        x = layer(x, padding_mask)
+    if prompts is not None:
+        x, padding_mask = prompts.after_stack(x, padding_mask)
+    return x

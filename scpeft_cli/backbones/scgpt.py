@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from scpeft_cli.backbones.layers import TransformerLayer
+from scpeft_cli.backbones.layers import PromptHook, TransformerLayer, run_layers
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,10 @@ class GeneEncoder(nn.Module):
 
 
 class ContinuousValueEncoder(nn.Module):
-    """Expression value -> d_model: clamp(max 512) -> Linear -> ReLU -> Linear -> LayerNorm -> dropout."""
+    """Expression value -> d_model: clamp(max 512) -> Linear -> ReLU -> Linear -> LayerNorm -> dropout.
+
+`scpeft_adapter` (empty by default) sits after the LayerNorm, before dropout: the token-prompt point.
+"""
 
     max_value = 512.0
 
@@ -52,11 +55,12 @@ class ContinuousValueEncoder(nn.Module):
         self.linear2 = nn.Linear(d_model, d_model)
         self.norm = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
+        self.scpeft_adapter: nn.Module = nn.Identity()
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
         x = torch.clamp(values.unsqueeze(-1), max=self.max_value)
         x = self.linear2(self.activation(self.linear1(x)))
-        return self.dropout(self.norm(x))
+        return self.dropout(self.scpeft_adapter(self.norm(x)))
 
 
 class ScGPT(nn.Module):
@@ -81,15 +85,18 @@ class ScGPT(nn.Module):
             )
             for _ in range(arch.n_layers)
         )
+        self.scpeft_prompts: PromptHook | None = None
+
+    @property
+    def token_embedding_adapter_owner(self) -> nn.Module:
+        """Where the token-prompt adapter goes: scGPT adapts the expression-value embedding."""
+        return self.value_encoder
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.encoder(batch["gene_ids"]) + self.value_encoder(batch["values"])
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        x = self.embed(batch)
-        for layer in self.layers:
-            x = layer(x, batch["padding_mask"])
-        return x
+        return run_layers(self.layers, self.embed(batch), batch["padding_mask"], self.scpeft_prompts)
 
     def cell_embedding(self, states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return states[:, 0]

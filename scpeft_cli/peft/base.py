@@ -30,6 +30,10 @@ class Strategy:
     def attach(self, backbone: nn.Module) -> None:
         """Insert this strategy's modules at the backbone's insertion points (none for the base)."""
 
+    def placement(self, backbone: nn.Module) -> str:
+        """Where the strategy sits in the network, in words, for `describe`."""
+        return "task head on the cell embedding only"
+
     def trains(self, parameter_name: str) -> bool:
         """Whether a parameter of the assembled model (backbone under `backbone.`) is trained."""
         return parameter_name.startswith(HEAD_PREFIX) or ADAPTER_PREFIX in parameter_name
