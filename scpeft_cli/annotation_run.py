@@ -7,13 +7,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from scpeft_cli import artifacts
 from scpeft_cli.assembly import assemble, parameter_counts, seed_everything
 from scpeft_cli.console import console, info, warn
 from scpeft_cli.data.splits import summarize_split
+from scpeft_cli.instantiate import instantiate
 from scpeft_cli.peft.persistence import save_adapter
 from scpeft_cli.training.loaders import CellTokens, make_loader
 from scpeft_cli.training.trainer import Trainer
@@ -69,7 +69,7 @@ def run_annotation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         parts.model,
         run_dir / "adapter",
         config={
-            "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
+            "backbone": {**OmegaConf.to_container(cfg.backbone, resolve=True), "checkpoint": parts.backbone.checkpoint},
             "peft": OmegaConf.to_container(cfg.peft, resolve=True),
             "task": OmegaConf.to_container(cfg.task, resolve=True),
             "seed": cfg.seed,

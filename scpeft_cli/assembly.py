@@ -5,17 +5,20 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from scpeft_cli.backbones.base import LoadedBackbone
 from scpeft_cli.console import info
+from scpeft_cli.instantiate import instantiate
 from scpeft_cli.peft.base import Strategy
 from scpeft_cli.peft.model import PeftModel
+from scpeft_cli.peft.persistence import load_adapter, read_adapter_config
 from scpeft_cli.tasks.annotation import AnnotationTask
+from scpeft_cli.tokenizers.vocab import SPECIAL_TOKENS, GeneVocab
 
 
 def seed_everything(seed: int) -> None:
@@ -32,8 +35,12 @@ class Assembly:
     model: PeftModel
 
 
-def assemble(cfg: DictConfig, *, n_classes: int, genes: Sequence[str] | None) -> Assembly:
-    """Build backbone (weights loaded or seeded random), strategy, task head, and the combined model."""
+def assemble(cfg: DictConfig | dict, *, n_classes: int, genes: Sequence[str] | None) -> Assembly:
+    """Build backbone (weights loaded or seeded random), strategy, task head, and the combined model.
+
+    `cfg` needs `backbone`, `peft`, `task` and `seed`: a run's config or a saved adapter's.
+    """
+    cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
     info(f"building backbone '{cfg.backbone.name}'")
     backbone: LoadedBackbone = instantiate(cfg.backbone, seed=cfg.seed, genes=list(genes) if genes is not None else None)
     strategy: Strategy = instantiate(cfg.peft)
@@ -43,6 +50,20 @@ def assemble(cfg: DictConfig, *, n_classes: int, genes: Sequence[str] | None) ->
         head = task.build_head(strategy.head, backbone.model.d_model, n_classes)
         model = PeftModel(backbone.model, head, strategy)
     return Assembly(backbone=backbone, strategy=strategy, task=task, model=model)
+
+
+def load_trained(adapter_dir: str | Path) -> tuple[Assembly, dict]:
+    """Rebuild a run's model around its saved adapter: same backbone (checkpoint, or the same seeded
+    random weights and vocabulary), same strategy and head, trained tensors loaded exactly."""
+    adapter_dir = Path(adapter_dir)
+    saved = read_adapter_config(adapter_dir)
+    vocab_file = adapter_dir / "vocab.json"
+    genes = None
+    if vocab_file.is_file():
+        genes = [g for g in GeneVocab.from_json(vocab_file).token_to_id if g not in SPECIAL_TOKENS]
+    parts = assemble(saved, n_classes=len(saved["classes"]), genes=genes)
+    load_adapter(parts.model, adapter_dir)
+    return parts, saved
 
 
 def parameter_counts(model: PeftModel) -> dict[str, float]:

@@ -100,7 +100,7 @@ def make_state_dict(layout: str = "flash_wqkv", *, seed: int = 0, d: int = D_MOD
         state.update(norm_params(layer_key(i, "norm1")))
         state.update(norm_params(layer_key(i, "norm2")))
     # Pretraining-only heads (expression decoder, MVC decoder, flag encoder) and a task head.
-    for j, (rows, cols) in zip((0, 2, 4), ((d, d), (d, d), (1, d))):
+    for j, (rows, cols) in zip((0, 2, 4), ((d, d), (d, d), (1, d)), strict=True):
         state[f"decoder.fc.{j}.weight"] = rand(rows, cols)
         state[f"decoder.fc.{j}.bias"] = rand(rows)
     state["mvc_decoder.gene2query.weight"] = rand(d, d)

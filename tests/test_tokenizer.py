@@ -103,9 +103,9 @@ def test_long_cells_are_subsampled_keeping_cls_and_seeded():
     # every kept gene carries the bin it had before subsampling
     full = make_tokenizer(genes).tokenize(X, genes, seed=1)
     for i in range(len(a)):
-        full_bins = dict(zip(*map(np.ndarray.tolist, full.cell(i))))
+        full_bins = dict(zip(*map(np.ndarray.tolist, full.cell(i)), strict=True))
         ids, values = a.cell(i)
-        assert all(full_bins[g] == v for g, v in zip(ids.tolist(), values.tolist()))
+        assert all(full_bins[g] == v for g, v in zip(ids.tolist(), values.tolist(), strict=True))
 
 
 def test_collate_pads_right_with_pad_token_and_value():

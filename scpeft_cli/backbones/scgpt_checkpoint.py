@@ -178,4 +178,5 @@ def build_scgpt(
             "pretrained model; set backbone.checkpoint=DIR to load real weights"
         )
     tokenizer = ScGPTTokenizer(vocab=vocab, n_bins=n_bins, max_seq_len=max_seq_len, pad_value=pad_value)
-    return LoadedBackbone(name=name, model=model, tokenizer=tokenizer, pretrained=bool(checkpoint), checkpoint=checkpoint)
+    source = str(Path(checkpoint).expanduser().resolve()) if checkpoint else None
+    return LoadedBackbone(name=name, model=model, tokenizer=tokenizer, pretrained=bool(checkpoint), checkpoint=source)

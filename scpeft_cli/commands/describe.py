@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from rich.table import Table
 
@@ -13,6 +12,7 @@ from scpeft_cli import artifacts
 from scpeft_cli.assembly import assemble, parameter_counts
 from scpeft_cli.commands.guard import guarded
 from scpeft_cli.console import console
+from scpeft_cli.instantiate import instantiate
 from scpeft_cli.paths import config_dir
 
 

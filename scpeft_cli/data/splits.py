@@ -29,7 +29,7 @@ def stratified_split(
     labels = np.asarray(labels)
     classes, counts = np.unique(labels, return_counts=True)
     needed = 1 + (val_fraction > 0) + (test_fraction > 0)
-    small = [(c, n) for c, n in zip(classes, counts) if n < needed]
+    small = [(c, n) for c, n in zip(classes, counts, strict=True) if n < needed]
     if small:
         names = _class_names(obs, labels)
         listed = ", ".join(f"{names[c]} ({n})" for c, n in small)
@@ -40,7 +40,7 @@ def stratified_split(
 
     rng = np.random.default_rng(seed)
     split = np.full(len(labels), "train", dtype=object)
-    for c, n in zip(classes, counts):
+    for c, n in zip(classes, counts, strict=True):
         n_val = max(1, round(val_fraction * n)) if val_fraction > 0 else 0
         n_test = max(1, round(test_fraction * n)) if test_fraction > 0 else 0
         while n_val + n_test >= n:  # always keep at least one training cell

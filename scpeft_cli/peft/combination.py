@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
 from scpeft_cli.errors import UserError
+from scpeft_cli.instantiate import instantiate
 from scpeft_cli.paths import config_dir
 from scpeft_cli.peft.base import Strategy
 

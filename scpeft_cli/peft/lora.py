@@ -39,7 +39,7 @@ class LoRALinear(nn.Module):
         out = self.base_layer(x)
         h = self.dropout(x)
         pieces, cursor = [], 0
-        for (start, stop), a, b in zip(self.blocks, self.scpeft_lora_A, self.scpeft_lora_B):
+        for (start, stop), a, b in zip(self.blocks, self.scpeft_lora_A, self.scpeft_lora_B, strict=True):
             if start > cursor:
                 pieces.append(out.new_zeros(*out.shape[:-1], start - cursor))
             pieces.append((h @ a.T @ b.T) * self.scaling)

@@ -8,6 +8,7 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
+from scpeft_cli.errors import UserError
 from scpeft_cli.peft.model import PeftModel
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -27,8 +28,13 @@ def save_adapter(model: PeftModel, directory: str | Path, *, config: dict[str, A
     return weights.stat().st_size
 
 
-def load_adapter(model: PeftModel, directory: str | Path) -> dict[str, Any]:
-    """Load the trained tensors saved by `save_adapter` into `model`; returns the saved config."""
-    directory = Path(directory)
-    model.load_trainable_state_dict(load_file(str(directory / WEIGHTS_FILE)))
-    return json.loads((directory / CONFIG_FILE).read_text())
+def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{directory} holds no {CONFIG_FILE}; give the adapter/ folder of a finished run")
+    return json.loads(path.read_text())
+
+
+def load_adapter(model: PeftModel, directory: str | Path) -> None:
+    """Load the trained tensors saved by `save_adapter` into `model` (exactly those, no others)."""
+    model.load_trainable_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)))

@@ -1,0 +1,231 @@
+"""Generic correctness checks run for every strategy and combination on a tiny scGPT (as huggingface/peft does)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from scpeft_cli.assembly import assemble, load_trained
+from scpeft_cli.errors import UserError
+from scpeft_cli.peft.lora import LoRALinear
+from scpeft_cli.peft.persistence import WEIGHTS_FILE, save_adapter
+
+GENES = [f"GENE{i}" for i in range(30)]
+N_CLASSES = 4
+TINY_BACKBONE = ["backbone=scgpt_small", "backbone.d_model=16", "backbone.n_heads=2", "backbone.d_hid=24", "backbone.n_layers=4"]
+
+STRATEGIES = {
+    "full": ["peft=full"],
+    "head_only": ["peft=head_only"],
+    "linear_probe": ["peft=linear_probe"],
+    "token_prompt": ["peft=token_prompt"],
+    "encoder_prompt": ["peft=encoder_prompt"],
+    "encoder_prompt_package": ["peft=encoder_prompt", "peft.variant=package"],
+    "prefix": ["peft=prefix", "peft.n_tokens=3"],
+    "prefix_some_layers": ["peft=prefix", "peft.n_tokens=2", "peft.layers=[1,3]"],
+    "lora": ["peft=lora", "peft.alpha=8"],
+    "lora_all_targets": ["peft=lora", "peft.targets=[q,k,v,out_proj,linear1,linear2]"],
+    "hf_lora": ["peft=hf", "peft.method=lora"],
+    "hf_dora": ["peft=hf", "peft.method=dora"],
+    "hf_ia3": ["peft=hf", "peft.method=ia3", "peft.targets=[qkv,linear2]"],
+    "hybrid": ["peft=combo", "peft.parts=[token_prompt,encoder_prompt]"],
+    "lora_prefix": ["peft=combo", "peft.parts=[lora,prefix]", "+peft.options.prefix.n_tokens=2"],
+}
+# Prompts add attended tokens, so no initialisation makes them a no-op at step 0.
+NOT_IDENTITY_AT_INIT = {"prefix", "prefix_some_layers", "lora_prefix"}
+BACKBONE_FROZEN = set(STRATEGIES) - {"full"}
+
+
+@pytest.fixture
+def build(compose_config):
+    def _build(case: str, seed: int = 0):
+        cfg = compose_config([*TINY_BACKBONE, *STRATEGIES[case], f"seed={seed}"])
+        return cfg, assemble(cfg, n_classes=N_CLASSES, genes=GENES)
+
+    return _build
+
+
+@pytest.fixture
+def batch(compose_config):
+    cfg = compose_config(TINY_BACKBONE)
+    tokenizer = assemble(cfg, n_classes=N_CLASSES, genes=GENES).backbone.tokenizer
+    rng = np.random.default_rng(0)
+    X = sp.csr_matrix(np.log1p(rng.poisson(2.0, (6, len(GENES))) * (rng.random((6, len(GENES))) < 0.5)))
+    tokens = tokenizer.tokenize(X, GENES, seed=0)
+    out = tokenizer.collate([tokens.cell(i) for i in range(len(tokens))])
+    out["labels"] = torch.tensor([0, 1, 2, 3, 0, 1])
+    return out
+
+
+def perturb_trainables(model: nn.Module, seed: int = 1) -> None:
+    """Give every trainable tensor random values, so zero-initialised adapters act."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        if hasattr(module, "dropout") and isinstance(module.dropout, float):
+            module.dropout = p
+
+
+def cls_logits(model, batch):
+    return model(batch)[0]
+
+
+@pytest.mark.parametrize("case", STRATEGIES)
+def test_exactly_the_strategy_and_head_train(build, case):
+    _, parts = build(case)
+    trainable = {n for n, p in parts.model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("head.") for n in trainable)
+    backbone_trainable = {n for n in trainable if n.startswith("backbone.")}
+    if case == "full":
+        assert trainable == {n for n, _ in parts.model.named_parameters()}
+    elif case in {"head_only", "linear_probe"}:
+        assert not backbone_trainable
+    else:
+        assert backbone_trainable, "a PEFT strategy must add trainable tensors"
+        _, plain = build("head_only")
+        plain_names = {n for n, _ in plain.model.named_parameters()}
+        # every trained backbone tensor is one the strategy added, none of the pretrained ones
+        assert not backbone_trainable & plain_names
+
+
+@pytest.mark.parametrize("case", STRATEGIES)
+def test_every_trainable_gets_a_gradient_and_frozen_tensors_stay_bit_identical(build, batch, case):
+    _, parts = build(case)
+    model = parts.model
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    model.train()
+    for _ in range(3):  # after the first step, zero-initialised adapter halves are non-zero too
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(cls_logits(model, batch), batch["labels"])
+        loss.backward()
+        optimizer.step()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    if case == "full":  # rows of tokens absent from the batch get no gradient: that is correct
+        no_grad = [n for n in no_grad if n != "backbone.encoder.embedding.weight"]
+    assert not no_grad, f"no gradient reached {no_grad}"
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+    changed = [n for n, p in model.named_parameters() if n in frozen and not torch.equal(p, frozen[n])]
+    assert not changed
+
+
+@pytest.mark.parametrize("case", sorted(BACKBONE_FROZEN - NOT_IDENTITY_AT_INIT))
+def test_zero_init_adapted_backbone_equals_the_plain_backbone(build, batch, case):
+    _, adapted = build(case)
+    _, plain = build("head_only")
+    adapted.model.eval(), plain.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(adapted.model.backbone(batch), plain.model.backbone(batch), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", sorted(NOT_IDENTITY_AT_INIT))
+def test_prompts_change_the_output_even_at_zero_init(build, batch, case):
+    _, adapted = build(case)
+    _, plain = build("head_only")
+    adapted.model.eval(), plain.model.eval()
+    with torch.no_grad():
+        out, ref = adapted.model.backbone(batch), plain.model.backbone(batch)
+    assert out.shape == ref.shape  # prompt positions are stripped at the end
+    assert not torch.allclose(out, ref)
+
+
+@pytest.mark.parametrize("case", STRATEGIES)
+def test_train_mode_without_dropout_equals_eval_mode(build, batch, case):
+    _, parts = build(case)
+    perturb_trainables(parts.model)
+    set_dropout(parts.model, 0.0)
+    with torch.no_grad():
+        parts.model.train()
+        train_out = cls_logits(parts.model, batch)
+        parts.model.eval()
+        eval_out = cls_logits(parts.model, batch)
+        eval_again = cls_logits(parts.model, batch)
+    torch.testing.assert_close(train_out, eval_out, rtol=0, atol=1e-6)
+    torch.testing.assert_close(eval_out, eval_again, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", STRATEGIES)
+def test_save_and_load_in_a_fresh_model_gives_identical_predictions(build, batch, case, tmp_path):
+    cfg, parts = build(case)
+    perturb_trainables(parts.model)
+    parts.model.eval()
+    with torch.no_grad():
+        expected = cls_logits(parts.model, batch)
+    from omegaconf import OmegaConf
+
+    saved = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("backbone", "peft", "task")}
+    save_adapter(parts.model, tmp_path, config={**saved, "seed": cfg.seed, "classes": list("abcd")})
+    parts.backbone.tokenizer.vocab.to_json(tmp_path / "vocab.json")
+
+    reloaded, _ = load_trained(tmp_path)
+    reloaded.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(cls_logits(reloaded.model, batch), expected, rtol=0, atol=0)
+
+    stored = load_file(tmp_path / WEIGHTS_FILE)
+    trainable = {n for n, p in parts.model.named_parameters() if p.requires_grad}
+    assert set(stored) == trainable, "the adapter file must hold exactly the trained tensors"
+
+
+def test_lora_update_counts_once_in_eval_and_after_reload(build, batch):
+    _, parts = build("lora")
+    perturb_trainables(parts.model)
+    parts.model.eval()
+    wrapped = parts.model.backbone.layers[0].self_attn.qkv
+    assert isinstance(wrapped, LoRALinear)
+    x = torch.randn(2, 5, wrapped.base_layer.in_features)
+    d = wrapped.base_layer.in_features
+    expected = wrapped.base_layer(x).clone()
+    for (start, stop), a, b in zip(wrapped.blocks, wrapped.scpeft_lora_A, wrapped.scpeft_lora_B, strict=True):
+        expected[..., start:stop] += wrapped.scaling * (x @ a.T @ b.T)
+    assert wrapped.blocks == [(0, d), (2 * d, 3 * d)]  # query and value rows, not key
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), expected)
+        torch.testing.assert_close(wrapped(x), expected)  # eval() merged nothing: still counted once
+
+
+def test_encoder_prompt_sits_in_the_first_half_of_the_layers(build):
+    _, parts = build("encoder_prompt")
+    layers = parts.model.backbone.layers
+    assert [not isinstance(layer.scpeft_attn_adapter, nn.Identity) for layer in layers] == [True, True, False, False]
+    assert [layer.scpeft_ffn_adapter is not None for layer in layers] == [True, True, False, False]
+    _, package = build("encoder_prompt_package")
+    assert all(layer.scpeft_ffn_adapter is None for layer in package.model.backbone.layers)
+
+
+def test_two_strategies_on_one_insertion_point_is_an_error(compose_config):
+    cfg = compose_config([*TINY_BACKBONE, "peft=combo", "peft.parts=[encoder_prompt,encoder_prompt]"])
+    with pytest.raises(UserError, match="already used"):
+        assemble(cfg, n_classes=N_CLASSES, genes=GENES)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["peft=lora", "peft.r=0"], "rank"),
+        (["peft=token_prompt", "peft.ratio=1.5"], r"peft.ratio must be in \(0, 1\]"),
+        (["peft=encoder_prompt", "peft.ratio=0"], r"peft.ratio must be in \(0, 1\]"),
+        (["peft=encoder_prompt", "peft.variant=other"], "peft.variant"),
+        (["peft=prefix", "peft.n_tokens=5000"], "peft.n_tokens"),
+        (["peft=encoder_prompt", "peft.layers=[7]"], "peft.layers"),
+        (["peft=hf", "peft.method=prompt"], "peft.method"),
+        (["peft=combo", "peft.parts=[token_prompt,nonsense]"], "not a combinable strategy"),
+        (["peft=token_prompt", "peft.init=gaussian"], "peft.init"),
+    ],
+)
+def test_invalid_hyperparameters_are_clear_errors(compose_config, overrides, message):
+    cfg = compose_config([*TINY_BACKBONE, *overrides])
+    with pytest.raises(UserError, match=message):
+        assemble(cfg, n_classes=N_CLASSES, genes=GENES)
