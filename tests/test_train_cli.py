@@ -90,3 +90,15 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
 def test_unknown_command_and_placeholders(tmp_path):
     assert run_cli("frobnicate", check=False).returncode == 2
     assert "not yet available" in run_cli("report", check=False).stderr
+
+
+@pytest.mark.parametrize(
+    "strategy,paper_millions",
+    [("token_prompt", 0.66), ("encoder_prompt", 2.11), ("prefix", 0.92)],
+)
+def test_describe_matches_the_paper_parameter_counts(tmp_path, strategy, paper_millions):
+    result = run_cli("describe", "backbone=scgpt", f"peft={strategy}", "task.n_classes=18", f"hydra.run.dir={tmp_path}")
+    report = json.loads((tmp_path / "describe.json").read_text())
+    assert report["trainable_params"] == pytest.approx(paper_millions * 1e6, rel=0.05)
+    assert report["placement"] and "sits at" in result.stdout
+    assert all(name.startswith("head") or "scpeft_" in name for name in report["trains"])

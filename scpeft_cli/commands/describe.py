@@ -43,6 +43,10 @@ def describe(cfg: DictConfig, run_dir: Path) -> dict:
         f"[bold]{100 * counts['trainable_fraction']:.2f}",
     )
     console.print(table)
+    placement = parts.strategy.placement(parts.model.backbone)
+    trained = sorted({_tensor_group(name) for name, p in parts.model.named_parameters() if p.requires_grad})
+    console.print(f"[bold]{parts.strategy.name}[/] sits at: {placement}")
+    console.print(f"trains: {', '.join(trained)}")
     console.print(
         f"total {counts['total_params'] / 1e6:.2f}M, trainable {counts['trainable_params'] / 1e6:.2f}M; "
         f"pretrained weights: {'yes' if parts.backbone.pretrained else 'NO (random initialisation)'}"
@@ -52,12 +56,22 @@ def describe(cfg: DictConfig, run_dir: Path) -> dict:
         "backbone": cfg.backbone.name,
         "peft": parts.strategy.name,
         "n_classes": n_classes,
+        "placement": placement,
+        "trains": trained,
         "pretrained": parts.backbone.pretrained,
         "groups": {g: {"total": t, "trainable": tr} for g, (t, tr) in groups.items()},
     }
     artifacts.write_json(run_dir / "describe.json", report)
     console.print(f"wrote {run_dir / 'describe.json'}")
     return report
+
+
+def _tensor_group(name: str) -> str:
+    """'backbone.layers.3.scpeft_attn_adapter.down.weight' -> 'backbone.layers.*.scpeft_attn_adapter'."""
+    parts = name.split(".")
+    while len(parts) > 2 and (parts[-1].isdigit() or parts[-1] in {"weight", "bias", "down", "up"}):
+        parts.pop()
+    return ".".join("*" if part.isdigit() else part for part in parts)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")

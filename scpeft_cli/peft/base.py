@@ -32,7 +32,7 @@ class Strategy:
 
     def placement(self, backbone: nn.Module) -> str:
         """Where the strategy sits in the network, in words, for `describe`."""
-        return "task head on the cell embedding only"
+        return "task head on the cell embedding"
 
     def trains(self, parameter_name: str) -> bool:
         """Whether a parameter of the assembled model (backbone under `backbone.`) is trained."""

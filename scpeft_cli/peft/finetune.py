@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+
 from scpeft_cli.peft.base import Strategy
 
 
@@ -14,10 +16,16 @@ class FullFineTuning(Strategy):
     def trains(self, parameter_name: str) -> bool:
         return True
 
+    def placement(self, backbone: nn.Module) -> str:
+        return "every backbone parameter, plus the task head"
+
 
 @dataclass
 class HeadOnly(Strategy):
     """Frozen backbone; scGPT's 3-layer classification head on the `<cls>` state trains."""
+
+    def placement(self, backbone: nn.Module) -> str:
+        return "classification head on the cell embedding; backbone frozen"
 
 
 @dataclass
@@ -25,3 +33,6 @@ class LinearProbe(Strategy):
     """Frozen backbone; one Linear layer on the cell embedding trains."""
 
     head: str = "linear"
+
+    def placement(self, backbone: nn.Module) -> str:
+        return "one Linear layer on the cell embedding; backbone frozen"
