@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,90 +11,99 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from scpeft_cli import artifacts
-from scpeft_cli.assembly import assemble, parameter_counts, seed_everything
+from scpeft_cli.assembly import Assembly, attach, build_backbone, parameter_counts, seed_everything
 from scpeft_cli.console import console, info, warn
 from scpeft_cli.data.splits import summarize_split
 from scpeft_cli.instantiate import instantiate
 from scpeft_cli.peft.persistence import save_adapter
+from scpeft_cli.tasks.baselines import knn_reference_mapping, pca_logreg
+from scpeft_cli.tasks.embedding_quality import label_silhouette, plot_umap
 from scpeft_cli.training.loaders import CellTokens, make_loader
-from scpeft_cli.training.trainer import Trainer
+from scpeft_cli.training.resources import PeakMemory
+from scpeft_cli.training.trainer import Evaluation, Trainer
 
 SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class LabelledCells:
+    adata: Any
+    classes: list[str]
+    labels: np.ndarray
+    index: dict[str, np.ndarray]
+    split_table: pd.DataFrame
+
+
+def load_labelled_cells(cfg: DictConfig) -> LabelledCells:
+    adata = instantiate(cfg.data)
+    classes = list(adata.obs["label"].cat.categories)
+    labels = adata.obs["label"].cat.codes.to_numpy().astype(np.int64)
+    split = instantiate(cfg.split, _partial_=True)(obs=adata.obs, labels=labels, seed=cfg.seed)
+    index = {s: np.flatnonzero(split == s) for s in SPLITS}
+    console.print(f"split: {', '.join(f'{s} {len(index[s])}' for s in SPLITS)} cells")
+    return LabelledCells(adata, classes, labels, index, summarize_split(split, labels, classes))
 
 
 def run_annotation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train and evaluate one configuration; `metrics.json` is written last, so it marks a finished run."""
     seed_everything(cfg.seed)
     artifacts.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-
-    adata = instantiate(cfg.data)
-    classes = list(adata.obs["label"].cat.categories)
-    labels = adata.obs["label"].cat.codes.to_numpy().astype(np.int64)
-    split = instantiate(cfg.split, _partial_=True)(obs=adata.obs, labels=labels, seed=cfg.seed)
-    split_table = summarize_split(split, labels, classes)
-    console.print(f"split: {', '.join(f'{s} {int((split == s).sum())}' for s in SPLITS)} cells")
-
-    parts = assemble(cfg, n_classes=len(classes), genes=adata.var_names)
-    tokens = parts.backbone.tokenizer.tokenize(adata.X, adata.var_names, seed=cfg.seed)
+    cells = load_labelled_cells(cfg)
+    backbone = build_backbone(cfg, genes=cells.adata.var_names)
+    tokens = backbone.tokenizer.tokenize(cells.adata.X, cells.adata.var_names, seed=cfg.seed)
     info(f"tokenised {len(tokens)} cells: median {int(np.median(tokens.lengths))} tokens, max {tokens.lengths.max()}")
-
     trainer: Trainer = instantiate(cfg.trainer)
-    index = {s: np.flatnonzero(split == s) for s in SPLITS}
-    datasets = {s: CellTokens(tokens, labels, index[s]) for s in SPLITS}
-    collate = parts.backbone.tokenizer.collate
-    train_loader = make_loader(
-        datasets["train"], collate, batch_size=trainer.batch_size, shuffle=True, seed=cfg.seed,
-        balanced=trainer.balanced_sampler, num_workers=trainer.num_workers,
-    )
 
-    def eval_loader(dataset):
-        return make_loader(dataset, collate, batch_size=trainer.eval_batch_size, shuffle=False, seed=cfg.seed, num_workers=trainer.num_workers)
+    def loader(split: str | np.ndarray, *, train: bool = False):
+        indices = cells.index[split] if isinstance(split, str) else split
+        return make_loader(
+            CellTokens(tokens, cells.labels, indices), backbone.tokenizer.collate,
+            batch_size=trainer.batch_size if train else trainer.eval_batch_size, shuffle=train, seed=cfg.seed,
+            balanced=train and trainer.balanced_sampler, num_workers=trainer.num_workers,
+        )
 
-    weight = None
-    if trainer.class_weighted_loss:
-        weight = parts.task.class_weights(labels[index["train"]], len(classes)).to(trainer.device)
+    frozen = None
+    if cfg.evaluation.baselines or cfg.evaluation.silhouette:
+        info("embedding train and test cells with the frozen backbone (zero-shot reference)")
+        frozen = {s: trainer.embed(backbone.model, loader(s)) for s in ("train", "test")}
+
+    parts = attach(cfg, backbone, n_classes=len(cells.classes))
+    weight = parts.task.class_weights(cells.labels[cells.index["train"]], len(cells.classes)) if trainer.class_weighted_loss else None
+    weight = None if weight is None else weight.to(trainer.device)
 
     def loss_fn(logits, targets):
         return parts.task.loss(logits, targets, weight)
 
     def metrics_fn(y_true, y_pred):
-        return parts.task.metrics(y_true, y_pred, len(classes))
+        return parts.task.metrics(y_true, y_pred, len(cells.classes))
 
     counts = parameter_counts(parts.model)
     info(f"strategy {parts.strategy.name}: {counts['trainable_params']:,} of {counts['total_params']:,} parameters train ({100 * counts['trainable_fraction']:.2f}%)")
-    fit = trainer.fit(parts.model, train_loader=train_loader, val_loader=eval_loader(datasets["val"]), loss_fn=loss_fn, metrics_fn=metrics_fn)
-
-    evaluations = {s: trainer.evaluate(parts.model, eval_loader(datasets[s]), loss_fn) for s in SPLITS}
+    with PeakMemory(trainer.device) as memory:
+        fit = trainer.fit(parts.model, train_loader=loader("train", train=True), val_loader=loader("val"), loss_fn=loss_fn, metrics_fn=metrics_fn)
+    evaluations = {s: trainer.evaluate(parts.model, loader(s), loss_fn) for s in SPLITS}
     test = evaluations["test"]
-    adapter_bytes = save_adapter(
-        parts.model,
-        run_dir / "adapter",
-        config={
-            "backbone": {**OmegaConf.to_container(cfg.backbone, resolve=True), "checkpoint": parts.backbone.checkpoint},
-            "peft": OmegaConf.to_container(cfg.peft, resolve=True),
-            "task": OmegaConf.to_container(cfg.task, resolve=True),
-            "seed": cfg.seed,
-            "classes": classes,
-            "pretrained": parts.backbone.pretrained,
-        },
-    )
-    if not parts.backbone.pretrained:
-        parts.backbone.tokenizer.vocab.to_json(run_dir / "adapter" / "vocab.json")
 
-    _write_tables(run_dir, adata.obs_names, index, evaluations, classes, parts.task, fit.history, split_table, title=f"{cfg.backbone.name} / {parts.strategy.name}")
+    adapter_bytes = _save_adapter(cfg, parts, cells.classes, run_dir)
+    _write_tables(run_dir, cells, evaluations, parts, fit.history, title=f"{cfg.backbone.name} / {parts.strategy.name}")
+    quality = _embedding_quality(cfg, cells, frozen, test, run_dir, title=f"{cfg.backbone.name} / {parts.strategy.name}")
     metrics = {
-        **parts.task.metrics(test.labels, test.predictions, len(classes)),
+        **parts.task.metrics(test.labels, test.predictions, len(cells.classes)),
         "test_loss": test.loss,
-        "n_train": len(index["train"]),
-        "n_val": len(index["val"]),
-        "n_test": len(index["test"]),
-        "n_classes": len(classes),
+        "n_train": len(cells.index["train"]),
+        "n_val": len(cells.index["val"]),
+        "n_test": len(cells.index["test"]),
+        "n_classes": len(cells.classes),
         **counts,
         "adapter_bytes": adapter_bytes,
         "best_epoch": fit.best_epoch,
         "epochs_run": len(fit.history),
         "steps": fit.steps,
         "train_seconds": fit.train_seconds,
+        "cells_per_second": fit.cells_per_second,
+        "peak_memory_mb": memory.megabytes,
+        "peak_memory_kind": memory.kind,
+        **quality,
         "pretrained": parts.backbone.pretrained,
         "backbone": cfg.backbone.name,
         "checkpoint": parts.backbone.checkpoint,
@@ -102,40 +112,83 @@ def run_annotation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "seed": cfg.seed,
         "device": str(trainer.device),
     }
-    artifacts.write_csv(run_dir / "metrics.csv", pd.DataFrame([metrics]))
+    if cfg.evaluation.baselines:
+        metrics["baselines"] = _baselines(cfg, cells, frozen, metrics_fn)
+    artifacts.write_csv(run_dir / "metrics.csv", pd.DataFrame([_flatten(metrics)]))
     artifacts.write_json(run_dir / "metrics.json", metrics)
     _print_summary(metrics, run_dir)
     return metrics
 
 
-def _write_tables(run_dir, cell_ids, index, evaluations, classes, task, history, split_table, *, title) -> None:
-    test = evaluations["test"]
+def _save_adapter(cfg: DictConfig, parts: Assembly, classes: list[str], run_dir: Path) -> int:
+    config = {
+        "backbone": {**OmegaConf.to_container(cfg.backbone, resolve=True), "checkpoint": parts.backbone.checkpoint},
+        "peft": OmegaConf.to_container(cfg.peft, resolve=True),
+        "task": OmegaConf.to_container(cfg.task, resolve=True),
+        "seed": cfg.seed,
+        "classes": classes,
+        "pretrained": parts.backbone.pretrained,
+    }
+    size = save_adapter(parts.model, run_dir / "adapter", config=config)
+    if not parts.backbone.pretrained:  # a random backbone's vocabulary came from the data: keep it
+        parts.backbone.tokenizer.vocab.to_json(run_dir / "adapter" / "vocab.json")
+    return size
+
+
+def _baselines(cfg: DictConfig, cells: LabelledCells, frozen: dict[str, np.ndarray], metrics_fn) -> dict[str, dict[str, float]]:
+    train, test = cells.index["train"], cells.index["test"]
+    knn = knn_reference_mapping(
+        np.concatenate([frozen["train"], frozen["test"]]), cells.labels[np.concatenate([train, test])],
+        train=np.arange(len(train)), test=len(train) + np.arange(len(test)), metrics=metrics_fn, k=cfg.evaluation.knn_k,
+    )
+    pca = pca_logreg(cells.adata.X, cells.labels, train=train, test=test, seed=cfg.seed, metrics=metrics_fn)
+    console.print(f"baselines: PCA+logreg accuracy {pca['accuracy']:.3f}, zero-shot kNN accuracy {knn['accuracy']:.3f}")
+    return {"pca_logreg": pca, "zero_shot_knn": knn}
+
+
+def _embedding_quality(cfg, cells: LabelledCells, frozen: dict | None, test: Evaluation, run_dir: Path, *, title: str) -> dict[str, float]:
+    quality = {}
+    if cfg.evaluation.silhouette:
+        quality = {
+            "silhouette_before": label_silhouette(frozen["test"], test.labels),
+            "silhouette_after": label_silhouette(test.embeddings, test.labels),
+        }
+    if cfg.evaluation.umap:
+        names = np.asarray(cells.classes)
+        plot_umap(run_dir / "umap.png", test.embeddings, labels=list(names[test.labels]), predictions=list(names[test.predictions]), seed=cfg.seed, title=title)
+    return quality
+
+
+def _flatten(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Nested baseline metrics become columns like `baseline_pca_logreg_accuracy` in metrics.csv."""
+    flat = {k: v for k, v in metrics.items() if k != "baselines"}
+    for name, values in metrics.get("baselines", {}).items():
+        flat.update({f"baseline_{name}_{k}": v for k, v in values.items()})
+    return flat
+
+
+def _write_tables(run_dir, cells: LabelledCells, evaluations, parts: Assembly, history, *, title) -> None:
+    test, task, classes = evaluations["test"], parts.task, cells.classes
     artifacts.write_csv(run_dir / "per_class.csv", task.per_class(test.labels, test.predictions, classes))
     confusion = task.confusion(test.labels, test.predictions, classes)
     artifacts.write_csv(run_dir / "confusion_matrix.csv", confusion, index=True)
     artifacts.plot_confusion(run_dir / "confusion_matrix.png", confusion, title=f"test confusion: {title}")
     artifacts.write_csv(run_dir / "history.csv", pd.DataFrame(history))
-    artifacts.write_csv(run_dir / "split_summary.csv", split_table, index=True)
-    rows = []
-    for split, evaluation in evaluations.items():
-        probabilities = _softmax(evaluation.logits)
-        rows.append(
-            pd.DataFrame(
-                {
-                    "cell_id": np.asarray(cell_ids)[index[split]],
-                    "split": split,
-                    "label": np.asarray(classes)[evaluation.labels],
-                    "prediction": np.asarray(classes)[evaluation.predictions],
-                    "confidence": probabilities.max(axis=1),
-                }
-            )
+    artifacts.write_csv(run_dir / "split_summary.csv", cells.split_table, index=True)
+    names = np.asarray(classes)
+    rows = [
+        pd.DataFrame(
+            {
+                "cell_id": np.asarray(cells.adata.obs_names)[cells.index[split]],
+                "split": split,
+                "label": names[evaluation.labels],
+                "prediction": names[evaluation.predictions],
+                "confidence": evaluation.confidence,
+            }
         )
+        for split, evaluation in evaluations.items()
+    ]
     artifacts.write_csv(run_dir / "predictions.csv", pd.concat(rows, ignore_index=True))
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def _print_summary(metrics: dict[str, Any], run_dir: Path) -> None:
@@ -143,6 +196,7 @@ def _print_summary(metrics: dict[str, Any], run_dir: Path) -> None:
         warn("these figures come from a RANDOMLY INITIALISED backbone, not a pretrained one (\"pretrained\": false)")
     console.print(
         f"[bold]test[/] accuracy {metrics['accuracy']:.3f}  balanced_accuracy {metrics['balanced_accuracy']:.3f}  "
-        f"macro_f1 {metrics['macro_f1']:.3f}  (best epoch {metrics['best_epoch']}, {metrics['train_seconds']:.1f}s)"
+        f"macro_f1 {metrics['macro_f1']:.3f}  (best epoch {metrics['best_epoch']}, {metrics['train_seconds']:.1f}s, "
+        f"{metrics['cells_per_second']:.0f} cells/s, peak memory {metrics['peak_memory_mb']:.0f} MB)"
     )
     console.print(f"run dir: [bold]{run_dir}[/]  (metrics.json, per_class.csv, predictions.csv, adapter/)")

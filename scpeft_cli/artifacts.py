@@ -56,5 +56,9 @@ def plot_confusion(path: str | Path, confusion: pd.DataFrame, *, title: str) -> 
             ax.text(col, row, str(value), ha="center", va="center", fontsize=6, color="white" if share[row, col] > 0.5 else "black")
     fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of true class")
     fig.tight_layout()
-    _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    save_figure(path, fig)
+
+
+def save_figure(path: str | Path, fig) -> None:
+    _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight"))
     plt.close(fig)

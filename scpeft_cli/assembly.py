@@ -35,14 +35,14 @@ class Assembly:
     model: PeftModel
 
 
-def assemble(cfg: DictConfig | dict, *, n_classes: int, genes: Sequence[str] | None) -> Assembly:
-    """Build backbone (weights loaded or seeded random), strategy, task head, and the combined model.
-
-    `cfg` needs `backbone`, `peft`, `task` and `seed`: a run's config or a saved adapter's.
-    """
-    cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+def build_backbone(cfg: DictConfig, *, genes: Sequence[str] | None) -> LoadedBackbone:
+    """The backbone alone (weights loaded, or seeded random), before any strategy touches it."""
     info(f"building backbone '{cfg.backbone.name}'")
-    backbone: LoadedBackbone = instantiate(cfg.backbone, seed=cfg.seed, genes=list(genes) if genes is not None else None)
+    return instantiate(cfg.backbone, seed=cfg.seed, genes=list(genes) if genes is not None else None)
+
+
+def attach(cfg: DictConfig, backbone: LoadedBackbone, *, n_classes: int) -> Assembly:
+    """Strategy + task head around a built backbone; initialised with the run seed."""
     strategy: Strategy = instantiate(cfg.peft)
     task: AnnotationTask = instantiate(cfg.task)
     with torch.random.fork_rng(devices=[]):
@@ -50,6 +50,13 @@ def assemble(cfg: DictConfig | dict, *, n_classes: int, genes: Sequence[str] | N
         head = task.build_head(strategy.head, backbone.model.d_model, n_classes)
         model = PeftModel(backbone.model, head, strategy)
     return Assembly(backbone=backbone, strategy=strategy, task=task, model=model)
+
+
+def assemble(cfg: DictConfig | dict, *, n_classes: int, genes: Sequence[str] | None) -> Assembly:
+    """Backbone, strategy, task head and the combined model from `backbone`, `peft`, `task`, `seed`
+    (a run's config or a saved adapter's)."""
+    cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+    return attach(cfg, build_backbone(cfg, genes=genes), n_classes=n_classes)
 
 
 def load_trained(adapter_dir: str | Path) -> tuple[Assembly, dict]:

@@ -15,7 +15,6 @@ COMMANDS = {
     "inspect": "preflight checks on a dataset",
     "report": "aggregate run dirs into summary tables",
 }
-AVAILABLE = {"train", "describe"}
 
 USAGE = "usage: scpeft COMMAND [hydra overrides...]\n\ncommands:\n" + "\n".join(
     f"  {name:<9} {text}" for name, text in COMMANDS.items()
@@ -33,9 +32,6 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"scpeft: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
-        return 2
-    if command not in AVAILABLE:
-        print(f"scpeft {command}: not yet available in this version", file=sys.stderr)
         return 2
     module = importlib.import_module(f"scpeft_cli.commands.{command}")
     sys.argv = [f"scpeft {command}", *rest]

@@ -1,9 +1,11 @@
-"""The edge where user errors become one line and exit code 2; in a sweep a failed job is recorded."""
+"""The edge where user errors become one line and exit code 2; in a sweep a failed job is recorded
+(`failed.json`) and the sweep goes on."""
 
 from __future__ import annotations
 
 import functools
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,12 +29,19 @@ def guarded(task: Callable[[DictConfig, Path], Any]) -> Callable[[DictConfig], A
     @functools.wraps(task)
     def wrapper(cfg: DictConfig) -> Any:
         directory = run_dir()
+        in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
         try:
             return task(cfg, directory)
-        except UserError as err:
+        except Exception as err:
+            if not (in_sweep or isinstance(err, UserError)):
+                raise
             console.print(f"[bold red]error:[/] {err}")
-            if HydraConfig.get().mode == RunMode.MULTIRUN:
-                artifacts.write_json(directory / "failed.json", {"error": str(err), "type": "UserError"})
+            if in_sweep:
+                console.print(f"[bold red]job failed[/] ({directory}); the sweep goes on")
+                record = {"error": " ".join(str(err).split()), "type": type(err).__name__}
+                if not isinstance(err, UserError):
+                    record["traceback"] = traceback.format_exc()
+                artifacts.write_json(directory / "failed.json", record)
                 return None
             sys.exit(err.exit_code)
 

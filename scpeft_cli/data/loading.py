@@ -45,7 +45,7 @@ def load_pbmc68k_reduced(*, label_key: str = "bulk_labels", min_cells_per_class:
 def read_h5ad(
     *,
     path: str,
-    label_key: str,
+    label_key: str | None,
     gene_key: str | None = None,
     layer: str | None = None,
     min_cells_per_class: int = 0,
@@ -112,7 +112,7 @@ def prepare(
     genes: object,
     source: str,
     path: str | None,
-    label_key: str,
+    label_key: str | None,
     gene_key: str | None,
     layer: str | None,
     min_cells_per_class: int,
@@ -121,8 +121,9 @@ def prepare(
     """Validate, clean and log-normalise a matrix (cells x genes) into a new prepared AnnData.
 
     ``genes`` holds one identifier per column; ``obs`` (one row per cell) is copied, not modified.
+    ``label_key=None`` (predict, embed) prepares unlabelled cells: no ``obs["label"]``.
     """
-    if label_key not in obs.columns:
+    if label_key is not None and label_key not in obs.columns:
         raise UserError(
             f"label column '{label_key}' not in obs; available: {_names(obs.columns)}; set data.label_key to one of them"
         )
@@ -137,10 +138,11 @@ def prepare(
         warn(f"{int(adata.obs_names.duplicated().sum())} duplicated cell ids; making them unique")
         adata.obs_names_make_unique()
 
-    adata = _drop_unlabeled(adata, label_key, drop_unlabeled)
     adata = _drop_empty_cells(adata)
-    adata.obs["label"] = pd.Categorical(adata.obs[label_key].astype(str))
-    adata = _drop_small_classes(adata, min_cells_per_class)
+    if label_key is not None:
+        adata = _drop_unlabeled(adata, label_key, drop_unlabeled)
+        adata.obs["label"] = pd.Categorical(adata.obs[label_key].astype(str))
+        adata = _drop_small_classes(adata, min_cells_per_class)
 
     input_kind = "counts" if np.all(adata.X.data == np.round(adata.X.data)) else "log_normalized"
     if input_kind == "counts":
@@ -158,8 +160,8 @@ def prepare(
         "n_cells": int(adata.n_obs),
         "n_genes": int(adata.n_vars),
     }
-    n_classes = len(adata.obs["label"].cat.categories)
-    info(f"Data ({path or source}): {adata.n_obs} cells, {adata.n_vars} genes, {n_classes} classes, input: {input_kind}")
+    classes = f", {len(adata.obs['label'].cat.categories)} classes" if label_key is not None else ""
+    info(f"Data ({path or source}): {adata.n_obs} cells, {adata.n_vars} genes{classes}, input: {input_kind}")
     return adata
 
 

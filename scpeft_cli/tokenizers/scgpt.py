@@ -23,6 +23,8 @@ class TokenizedCells:
     indptr: np.ndarray
     gene_ids: np.ndarray
     values: np.ndarray
+    genes_matched: int = 0  # data genes found in the vocabulary
+    genes_total: int = 0
 
     def __len__(self) -> int:
         return len(self.indptr) - 1
@@ -116,7 +118,7 @@ class ScGPTTokenizer:
         slots = indptr[rows] + 1 + within
         gene_ids[slots] = token_ids[X.indices[keep]]
         values[slots] = codes[keep]
-        return TokenizedCells(indptr=indptr, gene_ids=gene_ids, values=values)
+        return TokenizedCells(indptr=indptr, gene_ids=gene_ids, values=values, genes_matched=len(columns), genes_total=len(genes))
 
     def collate(self, cells: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
         """Right-pad a batch to its longest cell with `<pad>` / pad_value; mask is True at padding."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,56 @@ PAD_TOKEN = "<pad>"
 CLS_TOKEN = "<cls>"
 EOC_TOKEN = "<eoc>"
 SPECIAL_TOKENS = (PAD_TOKEN, CLS_TOKEN, EOC_TOKEN)
+
+# Ensembl gene ids (ENSG00000141510, ENSMUSG00000059552.3, ...): prefix, "G", 6+ digits, optional version.
+ENSEMBL_GENE_ID = re.compile(r"^ENS[A-Z]*G\d{6,}(?:\.\d+)?(?:_PAR_Y)?$")
+GENE_ID_KIND_MAJORITY = 0.9
+GENE_ID_KIND_WORDS = {"ensembl": "Ensembl ids", "symbol": "gene symbols", "mixed": "a mix of Ensembl ids and gene symbols"}
+
+
+def _is_token(name: str) -> bool:
+    """Special tokens such as <pad>, <cls> are not genes."""
+    return name.startswith("<") and name.endswith(">")
+
+
+def _ensembl_counts(genes: Iterable[str]) -> tuple[int, int]:
+    """(identifiers that look like Ensembl gene ids, all identifiers), special <tokens> excluded."""
+    names = [str(g).strip() for g in genes]
+    names = [g for g in names if not _is_token(g)]
+    return sum(bool(ENSEMBL_GENE_ID.match(g)) for g in names), len(names)
+
+
+def ensembl_fraction(genes: Iterable[str]) -> float:
+    """Share of the gene identifiers (special <tokens> excluded) that look like Ensembl gene ids."""
+    n_ensembl, n = _ensembl_counts(genes)
+    return n_ensembl / n if n else 0.0
+
+
+def gene_id_kind(genes: Iterable[str]) -> str:
+    """"ensembl" when >= 90% look like Ensembl gene ids, "symbol" when >= 90% do not, otherwise "mixed"."""
+    n_ensembl, n = _ensembl_counts(genes)
+    needed = GENE_ID_KIND_MAJORITY * n - 1e-9
+    if n and n_ensembl >= needed:
+        return "ensembl"
+    if n - n_ensembl >= needed:
+        return "symbol"
+    return "mixed"
+
+
+def gene_id_hint(data_kind: str, vocab_kind: str) -> str:
+    """What the identifier kinds of the data genes and of the vocabulary say about a poor overlap."""
+    data_words, vocab_words = GENE_ID_KIND_WORDS[data_kind], GENE_ID_KIND_WORDS[vocab_kind]
+    if data_kind == vocab_kind == "mixed":
+        return f"data genes and the vocabulary are both {data_words}: check that they name genes the same way"
+    if data_kind == vocab_kind:
+        return (
+            f"data genes and the vocabulary both look like {data_words}: check the species and the naming "
+            "(e.g. upper/lower case), or set data.gene_key to another var column"
+        )
+    wanted = {"ensembl": "Ensembl ids", "symbol": "symbols"}.get(vocab_kind, "the vocabulary's identifiers")
+    data_text = f"look like {data_words}" if data_kind != "mixed" else f"are {data_words}"
+    vocab_text = f"uses {vocab_words}" if vocab_kind != "mixed" else f"holds {vocab_words}"
+    return f"data genes {data_text}, the vocabulary {vocab_text}: set data.gene_key to a var column with {wanted}"
 
 
 @dataclass(frozen=True)
@@ -68,9 +119,12 @@ class GeneVocab:
         if n == 0:
             raise UserError(
                 f"none of the {total} genes are in the model vocabulary (examples: {list(genes[:3])}); "
-                "scGPT expects gene symbols: set data.gene_key to the var column that holds them"
+                f"{gene_id_hint(gene_id_kind(genes), gene_id_kind(self.token_to_id))}"
             )
         info(f"gene overlap with vocabulary: {n} / {total} genes ({100 * n / total:.1f}%)")
         if n < 0.5 * total:
-            warn(f"only {100 * n / total:.1f}% of the genes are in the vocabulary; the rest are ignored")
+            warn(
+                f"only {100 * n / total:.1f}% of the genes are in the vocabulary; the rest are ignored; "
+                f"{gene_id_hint(gene_id_kind(genes), gene_id_kind(self.token_to_id))}"
+            )
         return columns, ids[columns]

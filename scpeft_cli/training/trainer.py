@@ -10,35 +10,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
 from torch.utils.data import DataLoader
 
 from scpeft_cli.console import console, info
 from scpeft_cli.errors import UserError
 from scpeft_cli.peft.model import PeftModel
+from scpeft_cli.training.runtime import Runtime
 
 # Which validation score picks the best epoch, and whether lower (-1) or higher (+1) is better.
 MONITORS = {"val_loss": -1, "val_macro_f1": 1, "val_accuracy": 1}
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' picks cuda, then mps, then cpu."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where the device supports it ('auto' on CUDA with bf16), else full precision."""
-    if precision == "fp32":
-        return None
-    supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if precision == "bf16" and not supported:
-        raise UserError(f"trainer.precision=bf16 is not supported on {device}; use trainer.precision=auto or fp32")
-    return torch.bfloat16 if supported else None
 
 
 @dataclass
@@ -54,6 +35,12 @@ class Evaluation:
     def predictions(self) -> np.ndarray:
         return self.logits.argmax(axis=1)
 
+    @property
+    def confidence(self) -> np.ndarray:
+        """Softmax probability of the predicted class."""
+        shifted = np.exp(self.logits - self.logits.max(axis=1, keepdims=True))
+        return (shifted / shifted.sum(axis=1, keepdims=True)).max(axis=1)
+
 
 @dataclass
 class FitResult:
@@ -61,7 +48,13 @@ class FitResult:
     best_epoch: int = 0
     best_score: float = math.nan
     train_seconds: float = 0.0
+    step_seconds: float = 0.0  # time inside training steps only (no validation)
     steps: int = 0
+    cells_seen: int = 0
+
+    @property
+    def cells_per_second(self) -> float:
+        return self.cells_seen / self.step_seconds if self.step_seconds else 0.0
 
 
 class Trainer:
@@ -100,37 +93,35 @@ class Trainer:
         self.grad_clip = grad_clip
         self.patience = patience
         self.monitor = monitor
-        self.device = resolve_device(device)
-        self.amp_dtype = autocast_dtype(precision, self.device)
+        self.runtime = Runtime.create(device=device, precision=precision)
         self.class_weighted_loss = class_weighted_loss
         self.balanced_sampler = balanced_sampler
         self.num_workers = num_workers
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
 
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
-
-    @torch.no_grad()
     def evaluate(self, model: PeftModel, loader: DataLoader, loss_fn: Callable) -> Evaluation:
         model.eval()
-        logits, embeddings, labels, total_loss = [], [], [], 0.0
-        for batch in loader:
-            batch = self._to_device(batch)
-            with self._autocast():
-                batch_logits, batch_embeddings = model(batch)
-            total_loss += loss_fn(batch_logits, batch["labels"]).item() * len(batch["labels"])
-            logits.append(batch_logits.float().cpu())
-            embeddings.append(batch_embeddings.float().cpu())
-            labels.append(batch["labels"].cpu())
-        n = sum(len(x) for x in labels)
+
+        def forward(batch):
+            logits, embeddings = model(batch)
+            summed_loss = loss_fn(logits, batch["labels"]).reshape(1) * len(batch["labels"])
+            return {"logits": logits, "embeddings": embeddings, "labels": batch["labels"], "loss": summed_loss}
+
+        out = self.runtime.collect(forward, loader)
         return Evaluation(
-            loss=total_loss / max(n, 1),
-            logits=torch.cat(logits).numpy(),
-            embeddings=torch.cat(embeddings).numpy(),
-            labels=torch.cat(labels).numpy(),
+            loss=float(out["loss"].sum()) / max(len(out["labels"]), 1),
+            logits=out["logits"],
+            embeddings=out["embeddings"],
+            labels=out["labels"],
         )
+
+    def embed(self, backbone: nn.Module, loader: DataLoader) -> np.ndarray:
+        """Cell embeddings of a bare backbone (no strategy, no head), in loader order."""
+        backbone.to(self.device).eval()
+        return self.runtime.collect(lambda batch: {"x": backbone.cell_embedding(backbone(batch), batch)}, loader)["x"]
 
     def fit(
         self,
@@ -197,9 +188,10 @@ class Trainer:
     def _train_epoch(self, model, loader, optimizer, loss_fn, trainable, result, progress, task) -> float:
         model.train()
         total, n = 0.0, 0
+        started = time.perf_counter()
         for batch in loader:
-            batch = self._to_device(batch)
-            with self._autocast():
+            batch = self.runtime.to_device(batch)
+            with self.runtime.autocast():
                 logits, _ = model(batch)
             loss = loss_fn(logits, batch["labels"])
             optimizer.zero_grad(set_to_none=True)
@@ -213,6 +205,8 @@ class Trainer:
             progress.update(task, advance=1, loss=loss.item())
             if self.max_steps is not None and result.steps >= self.max_steps:
                 break
+        result.cells_seen += n
+        result.step_seconds += time.perf_counter() - started
         return total / max(n, 1)
 
     def _log_epoch(self, record: dict, improved: bool) -> None:

@@ -1,0 +1,50 @@
+"""`scpeft embed`: cell embeddings from a backbone (zero-shot) or a trained run into obsm["X_scpeft"]."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+from sklearn.preprocessing import normalize
+
+from scpeft_cli.apply import check_output_path, overlap_summary, run_model, write_annotated_copy
+from scpeft_cli.assembly import build_backbone, load_trained
+from scpeft_cli.commands.guard import guarded
+from scpeft_cli.commands.predict import finished_run
+from scpeft_cli.console import console, warn
+from scpeft_cli.instantiate import instantiate
+from scpeft_cli.paths import config_dir
+
+
+def embed(cfg: DictConfig, _run_dir: Path) -> None:
+    output = check_output_path(input_path=cfg.data.path, output=cfg.output, overwrite=cfg.overwrite)
+    cells = instantiate(cfg.data)
+    if cfg.run:
+        parts, saved = load_trained(finished_run(cfg.run) / "adapter")
+        backbone, module, seed, source = parts.backbone, parts.model, saved["seed"], f"run {cfg.run} ({parts.strategy.name})"
+        forward = lambda batch: {"x": module.embed(batch)}  # noqa: E731
+    else:
+        backbone = build_backbone(cfg, genes=cells.var_names)
+        module, seed, source = backbone.model, cfg.seed, f"backbone {cfg.backbone.name}"
+        forward = lambda batch: {"x": module.cell_embedding(module(batch), batch)}  # noqa: E731
+    if not backbone.pretrained:
+        warn("the backbone is RANDOMLY INITIALISED: these embeddings carry no pretrained knowledge")
+    tokens = backbone.tokenizer.tokenize(cells.X, cells.var_names, seed=seed)
+    embeddings = run_model(module, forward, tokens, backbone.tokenizer.collate, cfg=cfg)["x"]
+    if cfg.normalize:
+        embeddings = normalize(embeddings)
+    uns = {
+        "source": source,
+        "pretrained": backbone.pretrained,
+        "checkpoint": backbone.checkpoint,
+        "gene_overlap": overlap_summary(tokens),
+        "params": {"normalize": cfg.normalize, "seed": seed},
+    }
+    write_annotated_copy(input_path=cfg.data.path, output=output, cells=cells, obs={}, embeddings=embeddings, uns=uns)
+    console.print(f"embedded {cells.n_obs} cells ({embeddings.shape[1]} dimensions) from {source}")
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="embed")
+def main(cfg: DictConfig) -> None:
+    guarded(embed)(cfg)

@@ -1,0 +1,69 @@
+"""`scpeft predict run=RUN_DIR data.path=IN.h5ad output=OUT.h5ad`: annotate new cells with a trained run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from scpeft_cli import artifacts
+from scpeft_cli.apply import check_output_path, overlap_summary, run_model, write_annotated_copy
+from scpeft_cli.assembly import load_trained
+from scpeft_cli.commands.guard import guarded
+from scpeft_cli.console import console, warn
+from scpeft_cli.errors import UserError
+from scpeft_cli.instantiate import instantiate
+from scpeft_cli.paths import config_dir
+
+
+def finished_run(run: str) -> Path:
+    run_dir = Path(run).expanduser()
+    if not (run_dir / "adapter").is_dir():
+        raise UserError(f"{run_dir} is not a run dir: it has no adapter/ folder (give a `scpeft train` output dir)")
+    if not (run_dir / "metrics.json").is_file():
+        raise UserError(f"{run_dir} did not finish (no metrics.json); its adapter may not be the best model")
+    return run_dir
+
+
+def predict(cfg: DictConfig, _run_dir: Path) -> None:
+    run_dir = finished_run(cfg.run)
+    output = check_output_path(input_path=cfg.data.path, output=cfg.output, overwrite=cfg.overwrite)
+    parts, saved = load_trained(run_dir / "adapter")
+    if not saved["pretrained"]:
+        warn("this run's backbone was RANDOMLY INITIALISED: its predictions are not those of a pretrained model")
+    cells = instantiate(cfg.data)
+    tokens = parts.backbone.tokenizer.tokenize(cells.X, cells.var_names, seed=saved["seed"])
+    model = parts.model
+    out = run_model(model, lambda batch: dict(zip(("logits", "embeddings"), model(batch), strict=True)), tokens, parts.backbone.tokenizer.collate, cfg=cfg)
+    logits = out["logits"]
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    classes = np.asarray(saved["classes"])
+    labels, confidence = classes[probabilities.argmax(axis=1)], probabilities.max(axis=1)
+    uns = {
+        "run": str(run_dir.resolve()),
+        "backbone": saved["backbone"]["name"],
+        "strategy": parts.strategy.name,
+        "pretrained": saved["pretrained"],
+        "classes": list(classes),
+        "gene_overlap": overlap_summary(tokens),
+        "params": {"seed": saved["seed"], "peft": saved["peft"], "backbone": saved["backbone"]},
+    }
+    write_annotated_copy(
+        input_path=cfg.data.path, output=output, cells=cells,
+        obs={"scpeft_label": labels, "scpeft_confidence": confidence}, embeddings=out["embeddings"], uns=uns,
+    )
+    table = pd.DataFrame({"cell_id": cells.obs_names, "scpeft_label": labels, "scpeft_confidence": confidence})
+    if "label" in cells.obs:
+        table.insert(1, "label", cells.obs["label"].astype(str).to_numpy())
+        console.print(f"agreement with obs['{cfg.data.label_key}']: {np.mean(table['label'] == table['scpeft_label']):.3f}")
+    artifacts.write_csv(output.with_suffix(".csv"), table)
+    console.print(f"predicted {len(table)} cells; wrote {output} and {output.with_suffix('.csv')}")
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
+def main(cfg: DictConfig) -> None:
+    guarded(predict)(cfg)
