@@ -15,7 +15,7 @@ from scpeft_cli.assembly import Assembly, attach, build_backbone, parameter_coun
 from scpeft_cli.console import console, info, warn
 from scpeft_cli.data.splits import summarize_split
 from scpeft_cli.instantiate import instantiate
-from scpeft_cli.peft.persistence import save_adapter
+from scpeft_cli.peft.persistence import TRAINING_GENES_FILE, save_adapter
 from scpeft_cli.tasks.baselines import knn_reference_mapping, pca_logreg
 from scpeft_cli.tasks.embedding_quality import label_silhouette, plot_umap
 from scpeft_cli.training.loaders import CellTokens, make_loader
@@ -84,7 +84,7 @@ def run_annotation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     evaluations = {s: trainer.evaluate(parts.model, loader(s), loss_fn) for s in SPLITS}
     test = evaluations["test"]
 
-    adapter_bytes = _save_adapter(cfg, parts, cells.classes, run_dir)
+    adapter_bytes = _save_adapter(cfg, parts, cells.classes, list(cells.adata.var_names), run_dir)
     _write_tables(run_dir, cells, evaluations, parts, fit.history, title=f"{cfg.backbone.name} / {parts.strategy.name}")
     quality = _embedding_quality(cfg, cells, frozen, test, run_dir, title=f"{cfg.backbone.name} / {parts.strategy.name}")
     metrics = {
@@ -120,7 +120,7 @@ def run_annotation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return metrics
 
 
-def _save_adapter(cfg: DictConfig, parts: Assembly, classes: list[str], run_dir: Path) -> int:
+def _save_adapter(cfg: DictConfig, parts: Assembly, classes: list[str], genes: list[str], run_dir: Path) -> int:
     config = {
         "backbone": {**OmegaConf.to_container(cfg.backbone, resolve=True), "checkpoint": parts.backbone.checkpoint},
         "peft": OmegaConf.to_container(cfg.peft, resolve=True),
@@ -130,6 +130,8 @@ def _save_adapter(cfg: DictConfig, parts: Assembly, classes: list[str], run_dir:
         "pretrained": parts.backbone.pretrained,
     }
     size = save_adapter(parts.model, run_dir / "adapter", config=config)
+    if cfg.data.get("n_top_genes"):  # the model saw only these genes: new data must be restricted alike
+        artifacts.write_text(run_dir / "adapter" / TRAINING_GENES_FILE, "\n".join(genes) + "\n")
     if not parts.backbone.pretrained:  # a random backbone's vocabulary came from the data: keep it
         parts.backbone.tokenizer.vocab.to_json(run_dir / "adapter" / "vocab.json")
     return size

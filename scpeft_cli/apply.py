@@ -19,6 +19,7 @@ from torch import nn
 
 from scpeft_cli.console import info
 from scpeft_cli.errors import UserError
+from scpeft_cli.peft.persistence import TRAINING_GENES_FILE
 from scpeft_cli.tokenizers.scgpt import TokenizedCells
 from scpeft_cli.training.loaders import CellTokens, make_loader
 from scpeft_cli.training.runtime import Runtime
@@ -34,6 +35,16 @@ def check_output_path(*, input_path: str | Path, output: str | Path, overwrite: 
         raise UserError(f"{output} already exists; choose another output or set overwrite=true")
     output.parent.mkdir(parents=True, exist_ok=True)
     return output
+
+
+def restrict_to_training_genes(cells: anndata.AnnData, adapter_dir: Path) -> anndata.AnnData:
+    """A run trained on selected genes (HVGs) must see the same genes: binning is relative within a cell."""
+    path = adapter_dir / TRAINING_GENES_FILE
+    if not path.is_file():
+        return cells
+    genes = set(path.read_text().split())
+    info(f"restricting to the run's {len(genes)} training genes")
+    return cells[:, cells.var_names.isin(genes)].copy()
 
 
 def cell_loader(tokens: TokenizedCells, collate, *, batch_size: int):

@@ -20,7 +20,7 @@ def sweep_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     run_cli(
         "train", "-m", f"peft={','.join(SWEPT)}", "backbone=scgpt_small", "trainer.max_epochs=1",
-        "trainer.max_steps=3", f"hydra.sweep.dir={out}",
+        "trainer.max_steps=3", "evaluation.umap=false", f"hydra.sweep.dir={out}",
     )
     return out
 
@@ -57,3 +57,22 @@ def test_reloaded_adapter_reproduces_the_test_predictions(sweep_dir):
     evaluation = trainer.evaluate(parts.model, loader, lambda logits, y: logits.sum() * 0)
     predicted = np.asarray(saved["classes"])[evaluation.predictions]
     assert (predicted == test["prediction"].to_numpy()).all()
+
+
+def test_a_failing_job_is_recorded_the_sweep_goes_on_and_the_gate_fails(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_cli(
+        "train", "-m", "peft=head_only", "trainer.lr=0.001,-1", "backbone=scgpt_small", "trainer.max_epochs=1",
+        "trainer.max_steps=2", "evaluation.umap=false", f"hydra.sweep.dir={sweep}",
+    )
+    failed = json.loads((sweep / "1" / "failed.json").read_text())
+    assert failed["type"] == "UserError" and "trainer.lr" in failed["error"]
+    assert (sweep / "0" / "metrics.json").is_file() and not (sweep / "1" / "metrics.json").exists()
+
+    report = run_cli("report", str(sweep), "--out", str(tmp_path / "report"), "--require", "accuracy>=0", check=False)
+    assert report.returncode == 1 and "trainer.lr" in report.stdout
+    summary = pd.read_csv(tmp_path / "report" / "summary.csv")
+    assert {"baseline: pca_logreg", "baseline: zero_shot_knn (scgpt_small)"} <= set(summary["configuration"])
+    failed_row = summary[summary["configuration"] == "trainer.lr=-1"].iloc[0]
+    assert failed_row["n_failed"] == 1 and failed_row["n_runs"] == 0
+    assert run_cli("report", str(sweep / "0"), "--out", str(tmp_path / "r0"), "--require", "accuracy>=0").returncode == 0

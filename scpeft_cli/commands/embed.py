@@ -8,7 +8,13 @@ import hydra
 from omegaconf import DictConfig
 from sklearn.preprocessing import normalize
 
-from scpeft_cli.apply import check_output_path, overlap_summary, run_model, write_annotated_copy
+from scpeft_cli.apply import (
+    check_output_path,
+    overlap_summary,
+    restrict_to_training_genes,
+    run_model,
+    write_annotated_copy,
+)
 from scpeft_cli.assembly import build_backbone, load_trained
 from scpeft_cli.commands.guard import guarded
 from scpeft_cli.commands.predict import finished_run
@@ -21,7 +27,9 @@ def embed(cfg: DictConfig, _run_dir: Path) -> None:
     output = check_output_path(input_path=cfg.data.path, output=cfg.output, overwrite=cfg.overwrite)
     cells = instantiate(cfg.data)
     if cfg.run:
-        parts, saved = load_trained(finished_run(cfg.run) / "adapter")
+        adapter_dir = finished_run(cfg.run) / "adapter"
+        cells = restrict_to_training_genes(cells, adapter_dir)
+        parts, saved = load_trained(adapter_dir)
         backbone, module, seed, source = parts.backbone, parts.model, saved["seed"], f"run {cfg.run} ({parts.strategy.name})"
         forward = lambda batch: {"x": module.embed(batch)}  # noqa: E731
     else:

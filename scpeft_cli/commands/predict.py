@@ -10,7 +10,13 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from scpeft_cli import artifacts
-from scpeft_cli.apply import check_output_path, overlap_summary, run_model, write_annotated_copy
+from scpeft_cli.apply import (
+    check_output_path,
+    overlap_summary,
+    restrict_to_training_genes,
+    run_model,
+    write_annotated_copy,
+)
 from scpeft_cli.assembly import load_trained
 from scpeft_cli.commands.guard import guarded
 from scpeft_cli.console import console, warn
@@ -34,7 +40,7 @@ def predict(cfg: DictConfig, _run_dir: Path) -> None:
     parts, saved = load_trained(run_dir / "adapter")
     if not saved["pretrained"]:
         warn("this run's backbone was RANDOMLY INITIALISED: its predictions are not those of a pretrained model")
-    cells = instantiate(cfg.data)
+    cells = restrict_to_training_genes(instantiate(cfg.data), run_dir / "adapter")
     tokens = parts.backbone.tokenizer.tokenize(cells.X, cells.var_names, seed=saved["seed"])
     model = parts.model
     out = run_model(model, lambda batch: dict(zip(("logits", "embeddings"), model(batch), strict=True)), tokens, parts.backbone.tokenizer.collate, cfg=cfg)

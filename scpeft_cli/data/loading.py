@@ -22,7 +22,9 @@ from scpeft_cli.errors import UserError
 TARGET_SUM = 1e4
 
 
-def load_pbmc68k_reduced(*, label_key: str = "bulk_labels", min_cells_per_class: int = 0) -> anndata.AnnData:
+def load_pbmc68k_reduced(
+    *, label_key: str = "bulk_labels", min_cells_per_class: int = 0, n_top_genes: int | None = None
+) -> anndata.AnnData:
     """The small PBMC dataset shipped inside scanpy: a demo that needs no download.
 
     Its ``.X`` is scaled, so the log-normalised ``.raw`` is used (700 cells x 765 genes).
@@ -39,6 +41,7 @@ def load_pbmc68k_reduced(*, label_key: str = "bulk_labels", min_cells_per_class:
         layer="raw",
         min_cells_per_class=min_cells_per_class,
         drop_unlabeled=False,
+        n_top_genes=n_top_genes,
     )
 
 
@@ -50,6 +53,7 @@ def read_h5ad(
     layer: str | None = None,
     min_cells_per_class: int = 0,
     drop_unlabeled: bool = False,
+    n_top_genes: int | None = None,
 ) -> anndata.AnnData:
     """Read a user's .h5ad (never modified) and prepare it.
 
@@ -86,6 +90,7 @@ def read_h5ad(
         layer=layer,
         min_cells_per_class=min_cells_per_class,
         drop_unlabeled=drop_unlabeled,
+        n_top_genes=n_top_genes,
     )
 
 
@@ -117,6 +122,7 @@ def prepare(
     layer: str | None,
     min_cells_per_class: int,
     drop_unlabeled: bool,
+    n_top_genes: int | None = None,
 ) -> anndata.AnnData:
     """Validate, clean and log-normalise a matrix (cells x genes) into a new prepared AnnData.
 
@@ -149,6 +155,8 @@ def prepare(
         sc.pp.normalize_total(adata, target_sum=TARGET_SUM)
         sc.pp.log1p(adata)
         adata.X = _to_csr_float32(adata.X)
+    if n_top_genes is not None:
+        adata = _select_highly_variable(adata, n_top_genes)
 
     adata.uns["scpeft_input"] = {
         "source": source,
@@ -163,6 +171,17 @@ def prepare(
     classes = f", {len(adata.obs['label'].cat.categories)} classes" if label_key is not None else ""
     info(f"Data ({path or source}): {adata.n_obs} cells, {adata.n_vars} genes{classes}, input: {input_kind}")
     return adata
+
+
+def _select_highly_variable(adata: anndata.AnnData, n_top_genes: int) -> anndata.AnnData:
+    """Keep the most variable genes of the log-normalised data (scanpy's seurat flavour), as the paper did."""
+    if n_top_genes < 1:
+        raise UserError(f"data.n_top_genes must be >= 1 (or null for all genes), got {n_top_genes}")
+    if n_top_genes >= adata.n_vars:
+        return adata
+    sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes, flavor="seurat")
+    info(f"keeping the {n_top_genes} most variable of {adata.n_vars} genes")
+    return adata[:, adata.var["highly_variable"].to_numpy()].copy()
 
 
 def _to_csr_float32(matrix: object) -> sp.csr_matrix:

@@ -13,6 +13,7 @@ from scpeft_cli.peft.model import PeftModel
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
+TRAINING_GENES_FILE = "training_genes.txt"  # written when training used a gene selection (HVGs)
 
 
 def save_adapter(model: PeftModel, directory: str | Path, *, config: dict[str, Any]) -> int:

@@ -1,19 +1,36 @@
-"""A run's configuration name: its overrides minus the seed (seeds are averaged) and Hydra's own settings."""
+"""A run's configuration name: the overrides that tell it apart from the other runs being reported.
+
+Seeds are averaged and Hydra's own settings do not define a configuration; overrides every run shares
+(e.g. `backbone=scgpt_small` given to the whole sweep) are left out so the names stay short.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 
 from scpeft_cli.report.runs import Run
 
 
-def configuration(run: Run) -> str:
-    kept = sorted(override for override in run.overrides if not _ignored(override))
-    if kept:
-        return " ".join(kept)
-    if run.finished:
-        return f"backbone={run.metrics.get('backbone')} peft={run.metrics.get('peft')}"
-    return "default"
+def configuration_namer(runs: Sequence[Run]) -> Callable[[Run], str]:
+    """name(run) for the runs of one report."""
+    kept = [frozenset(_kept(run)) for run in runs]
+    shared = frozenset.intersection(*kept) if kept else frozenset()
+
+    def name(run: Run) -> str:
+        own = sorted(_kept(run))
+        distinguishing = [override for override in own if override not in shared] or own
+        if distinguishing:
+            return " ".join(distinguishing)
+        if run.finished:
+            return f"backbone={run.metrics.get('backbone')} peft={run.metrics.get('peft')}"
+        return "default"
+
+    return name
+
+
+def _kept(run: Run) -> list[str]:
+    return [override for override in run.overrides if not _ignored(override)]
 
 
 def _ignored(override: str) -> bool:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from scpeft_cli.report.configuration import configuration
+from scpeft_cli.report.configuration import configuration_namer
 from scpeft_cli.report.runs import Run
 
 COLUMNS = {"cell_type", "f1", "support"}
@@ -15,10 +15,11 @@ COLUMNS = {"cell_type", "f1", "support"}
 def per_class_f1(runs: list[Run]) -> pd.DataFrame | None:
     """cell_type, support (from the first run that has the type), then mean F1 over seeds per configuration."""
     frames = []
+    name = configuration_namer(runs)
     for run in runs:
         table = _read(run.path / "per_class.csv") if run.finished else None
         if table is not None:
-            frames.append(table.assign(configuration=configuration(run)))
+            frames.append(table.assign(configuration=name(run)))
     if not frames:
         return None
     data = pd.concat(frames, ignore_index=True)

@@ -7,7 +7,7 @@ from typing import Any
 import pandas as pd
 
 from scpeft_cli.report.baselines import BASELINE, baseline_rows
-from scpeft_cli.report.configuration import configuration
+from scpeft_cli.report.configuration import configuration_namer
 from scpeft_cli.report.runs import Run
 from scpeft_cli.report.stats import mean_std, numeric
 
@@ -15,8 +15,9 @@ from scpeft_cli.report.stats import mean_std, numeric
 def summarize(runs: list[Run]) -> pd.DataFrame:
     """Columns: configuration, backbone, peft, n_runs, n_failed, errors, then M_mean, M_std per numeric metric."""
     groups: dict[str, list[Run]] = {}
+    name = configuration_namer(runs)
     for run in runs:
-        groups.setdefault(configuration(run), []).append(run)
+        groups.setdefault(name(run), []).append(run)
     rows = [_strategy_row(name, group) for name, group in groups.items()]
     return pd.DataFrame(rows + baseline_rows(runs))
 
