@@ -97,6 +97,7 @@ def run_annotation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         **counts,
         "adapter_bytes": adapter_bytes,
         "best_epoch": fit.best_epoch,
+        "best_val_macro_f1": fit.history[fit.best_epoch - 1]["val_macro_f1"],
         "epochs_run": len(fit.history),
         "steps": fit.steps,
         "train_seconds": fit.train_seconds,

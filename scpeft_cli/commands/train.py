@@ -10,6 +10,7 @@ from scpeft_cli.paths import config_dir
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Returns test macro F1 so that Hydra sweepers (e.g. Optuna) can optimise it."""
+    """Returns the best epoch's validation macro F1, so that sweepers (e.g. Optuna) tune on validation
+    data, never on the test split."""
     metrics = guarded(run_annotation)(cfg)
-    return None if metrics is None else metrics["macro_f1"]
+    return None if metrics is None else metrics["best_val_macro_f1"]
