@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,12 @@ from scpeft_cli import artifacts
 from scpeft_cli.assembly import Assembly, attach, build_backbone, parameter_counts, seed_everything
 from scpeft_cli.console import console, info, warn
 from scpeft_cli.data.splits import summarize_split
+from scpeft_cli.errors import UserError
 from scpeft_cli.instantiate import instantiate
 from scpeft_cli.peft.persistence import TRAINING_GENES_FILE, save_adapter
 from scpeft_cli.tasks.baselines import knn_reference_mapping, pca_logreg
 from scpeft_cli.tasks.embedding_quality import label_silhouette, plot_umap
+from scpeft_cli.training.checkpoint import CHECKPOINT_FILE
 from scpeft_cli.training.loaders import CellTokens, make_loader
 from scpeft_cli.training.resources import PeakMemory
 from scpeft_cli.training.trainer import Evaluation, Trainer
@@ -44,15 +47,67 @@ def load_labelled_cells(cfg: DictConfig) -> LabelledCells:
     return LabelledCells(adata, classes, labels, index, summarize_split(split, labels, classes))
 
 
+@dataclass
+class RunOptions:
+    seed: int
+    overwrite: bool
+
+
+@dataclass
+class EvaluationOptions:
+    baselines: bool
+    knn_k: int
+    silhouette: bool
+    umap: bool
+
+
+OPTIONS = {"": RunOptions, "evaluation": EvaluationOptions}
+
+
+def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """Never overwrite a finished run silently; resume an interrupted one only under the same config."""
+    config_text = OmegaConf.to_yaml(cfg, resolve=True)
+    if (run_dir / "metrics.json").is_file():
+        if not cfg.overwrite:
+            raise UserError(f"{run_dir} holds a finished run (metrics.json); choose another hydra.run.dir or set overwrite=true")
+        for stale in ("metrics.json", CHECKPOINT_FILE):
+            (run_dir / stale).unlink(missing_ok=True)
+    if (run_dir / CHECKPOINT_FILE).is_file() and (run_dir / "config.yaml").is_file():
+        before = OmegaConf.create((run_dir / "config.yaml").read_text())
+        changed = _changed_keys(before, OmegaConf.create(config_text))
+        if changed:
+            raise UserError(
+                f"{run_dir} holds an interrupted run with another configuration ({', '.join(changed[:5])} differ); "
+                "resume it with the same settings, or use another hydra.run.dir"
+            )
+    artifacts.write_text(run_dir / "config.yaml", config_text)
+
+
+def _changed_keys(before: DictConfig, after: DictConfig, prefix: str = "") -> list[str]:
+    keys = sorted(set(before) | set(after))
+    changed = []
+    for key in keys:
+        a, b = before.get(key), after.get(key)
+        path = f"{prefix}{key}"
+        if path == "overwrite":
+            continue
+        if isinstance(a, DictConfig) and isinstance(b, DictConfig):
+            changed += _changed_keys(a, b, f"{path}.")
+        elif a != b:
+            changed.append(path)
+    return changed
+
+
 def run_annotation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train and evaluate one configuration; `metrics.json` is written last, so it marks a finished run."""
     seed_everything(cfg.seed)
-    artifacts.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    prepare_run_dir(cfg, run_dir)
+    trainer: Trainer = instantiate(cfg.trainer)  # settings are checked before any data is read
+    strategy = instantiate(cfg.peft)
     cells = load_labelled_cells(cfg)
     backbone = build_backbone(cfg, genes=cells.adata.var_names)
     tokens = backbone.tokenizer.tokenize(cells.adata.X, cells.adata.var_names, seed=cfg.seed)
     info(f"tokenised {len(tokens)} cells: median {int(np.median(tokens.lengths))} tokens, max {tokens.lengths.max()}")
-    trainer: Trainer = instantiate(cfg.trainer)
 
     def loader(split: str | np.ndarray, *, train: bool = False):
         indices = cells.index[split] if isinstance(split, str) else split
@@ -67,7 +122,7 @@ def run_annotation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         info("embedding train and test cells with the frozen backbone (zero-shot reference)")
         frozen = {s: trainer.embed(backbone.model, loader(s)) for s in ("train", "test")}
 
-    parts = attach(cfg, backbone, n_classes=len(cells.classes))
+    parts = attach(cfg, backbone, n_classes=len(cells.classes), strategy=strategy)
     weight = parts.task.class_weights(cells.labels[cells.index["train"]], len(cells.classes)) if trainer.class_weighted_loss else None
     weight = None if weight is None else weight.to(trainer.device)
 
@@ -80,7 +135,10 @@ def run_annotation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     counts = parameter_counts(parts.model)
     info(f"strategy {parts.strategy.name}: {counts['trainable_params']:,} of {counts['total_params']:,} parameters train ({100 * counts['trainable_fraction']:.2f}%)")
     with PeakMemory(trainer.device) as memory:
-        fit = trainer.fit(parts.model, train_loader=loader("train", train=True), val_loader=loader("val"), loss_fn=loss_fn, metrics_fn=metrics_fn)
+        fit = trainer.fit(
+            parts.model, train_loader=loader("train", train=True), val_loader=loader("val"), loss_fn=loss_fn,
+            metrics_fn=metrics_fn, checkpoint=run_dir / CHECKPOINT_FILE,
+        )
     evaluations = {s: trainer.evaluate(parts.model, loader(s), loss_fn) for s in SPLITS}
     test = evaluations["test"]
 
@@ -117,6 +175,7 @@ def run_annotation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         metrics["baselines"] = _baselines(cfg, cells, frozen, metrics_fn)
     artifacts.write_csv(run_dir / "metrics.csv", pd.DataFrame([_flatten(metrics)]))
     artifacts.write_json(run_dir / "metrics.json", metrics)
+    shutil.rmtree((run_dir / CHECKPOINT_FILE).parent)  # the run is complete: adapter/ holds the best model
     _print_summary(metrics, run_dir)
     return metrics
 

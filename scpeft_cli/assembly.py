@@ -41,9 +41,9 @@ def build_backbone(cfg: DictConfig, *, genes: Sequence[str] | None) -> LoadedBac
     return instantiate(cfg.backbone, seed=cfg.seed, genes=list(genes) if genes is not None else None)
 
 
-def attach(cfg: DictConfig, backbone: LoadedBackbone, *, n_classes: int) -> Assembly:
-    """Strategy + task head around a built backbone; initialised with the run seed."""
-    strategy: Strategy = instantiate(cfg.peft)
+def attach(cfg: DictConfig, backbone: LoadedBackbone, *, n_classes: int, strategy: Strategy | None = None) -> Assembly:
+    """Strategy (built from cfg.peft unless given) + task head around a built backbone, seeded."""
+    strategy = strategy or instantiate(cfg.peft)
     task: AnnotationTask = instantiate(cfg.task)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

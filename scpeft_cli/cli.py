@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import os
+import re
 import sys
+from pathlib import Path
 
 from scpeft_cli import __version__
+from scpeft_cli.paths import config_dir
+from scpeft_cli.training.interrupt import TrainingInterrupted
 
 COMMANDS = {
     "train": "one training run, or a sweep with -m",
@@ -16,13 +21,74 @@ COMMANDS = {
     "report": "aggregate run dirs into summary tables",
 }
 
-USAGE = "usage: scpeft COMMAND [hydra overrides...]\n\ncommands:\n" + "\n".join(
+CONFIG_NAMES = {"train": "train", "describe": "train", "inspect": "train", "predict": "predict", "embed": "embed"}
+HYDRA_COMMANDS = set(CONFIG_NAMES)
+USAGE = "usage: scpeft [--debug] COMMAND [hydra overrides...]\n\ncommands:\n" + "\n".join(
     f"  {name:<9} {text}" for name, text in COMMANDS.items()
-) + "\n\n'scpeft COMMAND --help' shows the config groups and options of a command."
+) + (
+    "\n\n'scpeft COMMAND --help' shows the config groups and options of a command."
+    "\n--debug shows Python tracebacks (same as HYDRA_FULL_ERROR=1)."
+    "\nexit codes: 0 ok, 1 a report gate failed, 2 bad input or configuration, 3 internal error."
+)
+GROUP_CHOICE = re.compile(r"^[+~]?([a-z_]+)=([\w,]+)$")
+
+
+def unknown_group_option(overrides: list[str]) -> str | None:
+    """One line for `peft=nonsense` (Hydra's own message spans many lines)."""
+    conf = Path(config_dir())
+    for override in overrides:
+        match = GROUP_CHOICE.match(override)
+        if not match or match[1] == "hydra" or not (conf / match[1]).is_dir():
+            continue
+        group = match[1]
+        choices = sorted(p.stem for p in (conf / group).glob("*.yaml"))
+        for option in match[2].split(","):
+            if option not in choices:
+                return f"unknown {group} option '{option}'; choose from: {', '.join(choices)}"
+    return None
+
+
+def composition_problem(command: str, overrides: list[str]) -> str | None:
+    """Compose a single run's config up front so an unknown key or bad override is one line.
+
+    Sweeps and Hydra flags (-m, --cfg, ...) are left to Hydra, whose messages span a few lines.
+    """
+    problem = unknown_group_option(overrides)
+    if problem or any(arg.startswith("-") for arg in overrides):
+        return problem
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            compose(config_name=CONFIG_NAMES[command], overrides=[o for o in overrides if not o.startswith("hydra.")])
+    except (HydraException, OmegaConfBaseException) as err:
+        return " ".join(str(err).split("\n")[0:3]).replace("  ", " ")
+    return None
+
+
+def expand_resume(overrides: list[str]) -> list[str]:
+    """`resume=RUN_DIR` -> that run's own overrides, then the new ones, writing into RUN_DIR again."""
+    requested = [o for o in overrides if o.startswith("resume=")]
+    if not requested:
+        return overrides
+    run_dir = Path(requested[-1].split("=", 1)[1]).expanduser()
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        raise SystemExit(f"error: resume={run_dir} is not a run dir of `scpeft train` (no .hydra/overrides.yaml)")
+    import yaml
+
+    previous = [o for o in yaml.safe_load(saved.read_text()) or [] if not o.startswith("hydra.run.dir=")]
+    others = [o for o in overrides if not o.startswith("resume=")]
+    return [*previous, *others, f"hydra.run.dir={run_dir}"]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--debug":
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        argv = argv[1:]
     if not argv or argv[0] in {"-h", "--help"}:
         print(USAGE)
         return 0
@@ -33,9 +99,30 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"scpeft: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
         return 2
+    if command == "train":
+        try:
+            rest = expand_resume(rest)
+        except SystemExit as err:
+            print(err, file=sys.stderr)
+            return 2
+    if command in HYDRA_COMMANDS:
+        problem = composition_problem(command, rest)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     module = importlib.import_module(f"scpeft_cli.commands.{command}")
     sys.argv = [f"scpeft {command}", *rest]
-    module.main()
+    try:
+        module.main()
+    except TrainingInterrupted as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except SystemExit as exit_:
+        # Hydra reports a config it cannot compose (bad override syntax, unknown key) with exit code 1;
+        # for us that is bad input: 2. Our own commands exit with 2 or 3, and report's gate with 1.
+        if command in HYDRA_COMMANDS and exit_.code == 1:
+            return 2
+        raise
     return 0
 
 

@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 from rich.table import Table
 
 from scpeft_cli import artifacts
+from scpeft_cli.annotation_run import OPTIONS
 from scpeft_cli.assembly import assemble, parameter_counts
 from scpeft_cli.commands.guard import guarded
 from scpeft_cli.console import console
@@ -76,4 +77,4 @@ def _tensor_group(name: str) -> str:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> None:
-    guarded(describe)(cfg)
+    guarded(describe, options=OPTIONS)(cfg)

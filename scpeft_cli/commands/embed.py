@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -21,6 +22,18 @@ from scpeft_cli.commands.predict import finished_run
 from scpeft_cli.console import console, warn
 from scpeft_cli.instantiate import instantiate
 from scpeft_cli.paths import config_dir
+
+
+@dataclass
+class EmbedOptions:
+    run: str | None
+    output: str
+    overwrite: bool
+    normalize: bool
+    seed: int
+    batch_size: int
+    device: str
+    precision: str
 
 
 def embed(cfg: DictConfig, _run_dir: Path) -> None:
@@ -55,4 +68,4 @@ def embed(cfg: DictConfig, _run_dir: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="embed")
 def main(cfg: DictConfig) -> None:
-    guarded(embed)(cfg)
+    guarded(embed, options={"": EmbedOptions})(cfg)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 
 from scpeft_cli import artifacts
+from scpeft_cli.annotation_run import OPTIONS
 from scpeft_cli.commands.guard import guarded
 from scpeft_cli.console import console, warn
 from scpeft_cli.data import preflight
@@ -255,4 +256,4 @@ def _rows_to_show(check: preflight.SplitCheck) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> None:
-    guarded(inspect_run)(cfg)
+    guarded(inspect_run, options=OPTIONS)(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -23,6 +24,16 @@ from scpeft_cli.console import console, warn
 from scpeft_cli.errors import UserError
 from scpeft_cli.instantiate import instantiate
 from scpeft_cli.paths import config_dir
+
+
+@dataclass
+class PredictOptions:
+    run: str
+    output: str
+    overwrite: bool
+    batch_size: int
+    device: str
+    precision: str
 
 
 def finished_run(run: str) -> Path:
@@ -72,4 +83,4 @@ def predict(cfg: DictConfig, _run_dir: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
 def main(cfg: DictConfig) -> None:
-    guarded(predict)(cfg)
+    guarded(predict, options={"": PredictOptions})(cfg)

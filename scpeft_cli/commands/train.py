@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from scpeft_cli.annotation_run import run_annotation
+from scpeft_cli.annotation_run import OPTIONS, run_annotation
 from scpeft_cli.commands.guard import guarded
 from scpeft_cli.paths import config_dir
 
@@ -12,5 +12,5 @@ from scpeft_cli.paths import config_dir
 def main(cfg: DictConfig) -> float | None:
     """Returns the best epoch's validation macro F1, so that sweepers (e.g. Optuna) tune on validation
     data, never on the test split."""
-    metrics = guarded(run_annotation)(cfg)
+    metrics = guarded(run_annotation, options=OPTIONS)(cfg)
     return None if metrics is None else metrics["best_val_macro_f1"]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +16,14 @@ from torch.utils.data import DataLoader
 from scpeft_cli.console import console, info
 from scpeft_cli.errors import UserError
 from scpeft_cli.peft.model import PeftModel
+from scpeft_cli.training.checkpoint import (
+    TrainingState,
+    load_checkpoint,
+    restore_rng_states,
+    rng_states,
+    save_checkpoint,
+)
+from scpeft_cli.training.interrupt import TrainingInterrupted, stop_on_signals
 from scpeft_cli.training.runtime import Runtime
 
 # Which validation score picks the best epoch, and whether lower (-1) or higher (+1) is better.
@@ -40,21 +48,6 @@ class Evaluation:
         """Softmax probability of the predicted class."""
         shifted = np.exp(self.logits - self.logits.max(axis=1, keepdims=True))
         return (shifted / shifted.sum(axis=1, keepdims=True)).max(axis=1)
-
-
-@dataclass
-class FitResult:
-    history: list[dict] = field(default_factory=list)
-    best_epoch: int = 0
-    best_score: float = math.nan
-    train_seconds: float = 0.0
-    step_seconds: float = 0.0  # time inside training steps only (no validation)
-    steps: int = 0
-    cells_seen: int = 0
-
-    @property
-    def cells_per_second(self) -> float:
-        return self.cells_seen / self.step_seconds if self.step_seconds else 0.0
 
 
 class Trainer:
@@ -131,61 +124,92 @@ class Trainer:
         val_loader: DataLoader,
         loss_fn: Callable,
         metrics_fn: Callable[[np.ndarray, np.ndarray], dict[str, float]],
-    ) -> FitResult:
-        """Train; afterwards `model` holds the best validation state."""
+        checkpoint: Path | None = None,
+    ) -> TrainingState:
+        """Train; afterwards `model` holds the best validation state.
+
+        With `checkpoint`, the state is saved there after every epoch, and an existing checkpoint is
+        resumed from: the result is the same as that of an uninterrupted run.
+        """
         model.to(self.device)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(trainable, lr=self.lr)
         scheduler = self.scheduler_factory(optimizer) if self.scheduler_factory else None
-        direction = MONITORS[self.monitor]
-        result, best_state, stale = FitResult(), None, 0
-        start = time.perf_counter()
-        with Progress(
-            TextColumn("[bold]epoch {task.fields[epoch]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        ) as progress:
-            for epoch in range(1, self.max_epochs + 1):
-                epoch_start = time.perf_counter()
-                task = progress.add_task("train", total=len(train_loader), epoch=epoch, loss=float("nan"))
-                train_loss = self._train_epoch(model, train_loader, optimizer, loss_fn, trainable, result, progress, task)
+        state, best = TrainingState(), None
+        if checkpoint is not None and checkpoint.is_file():
+            state, saved = load_checkpoint(checkpoint)
+            model.load_trainable_state_dict(saved["model"])
+            best = saved["best"]
+            optimizer.load_state_dict(saved["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(saved["scheduler"])
+            train_loader.generator.set_state(saved["data_order"])
+            restore_rng_states(saved["rng"])
+            info(f"resuming from {checkpoint} after epoch {state.epoch}" + (" (training had finished)" if state.done else ""))
+
+        def save():
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, state=state, tensors={
+                    "model": model.trainable_state_dict(), "best": best, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                    "data_order": train_loader.generator.get_state(), "rng": rng_states(),
+                })
+
+        with self._progress() as progress, stop_on_signals() as stop:
+            while not state.done and state.epoch < self.max_epochs:
+                started = time.perf_counter()
+                task = progress.add_task("train", total=len(train_loader), epoch=state.epoch + 1, loss=float("nan"))
+                train_loss = self._train_epoch(model, train_loader, optimizer, loss_fn, trainable, state, progress, task, stop)
                 progress.remove_task(task)
-                evaluation = self.evaluate(model, val_loader, loss_fn)
-                scores = {"val_loss": evaluation.loss, **{f"val_{k}": v for k, v in metrics_fn(evaluation.labels, evaluation.predictions).items()}}
-                record = {
-                    "epoch": epoch,
-                    "step": result.steps,
-                    "train_loss": train_loss,
-                    **scores,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "seconds": time.perf_counter() - epoch_start,
-                }
-                score = scores[self.monitor]
-                improved = best_state is None or direction * (score - result.best_score) > 0
+                if stop:
+                    raise TrainingInterrupted(stop.signum, f"interrupted during epoch {state.epoch + 1}; the last checkpoint (epoch {state.epoch}) is kept: run the same command again, or `scpeft train resume=RUN_DIR`, to continue")
+                state.epoch += 1
+                improved = self._validate(model, val_loader, loss_fn, metrics_fn, state, optimizer, train_loss, started)
                 if improved:
-                    result.best_epoch, result.best_score, stale = epoch, score, 0
-                    best_state = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
-                else:
-                    stale += 1
-                result.history.append(record)
-                self._log_epoch(record, improved)
+                    best = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
                 if scheduler is not None:
                     scheduler.step()
-                if self.max_steps is not None and result.steps >= self.max_steps:
-                    info(f"reached trainer.max_steps={self.max_steps}")
-                    break
-                if self.patience is not None and stale >= self.patience:
-                    info(f"early stopping: {self.monitor} did not improve for {self.patience} epochs")
-                    break
-        result.train_seconds = time.perf_counter() - start
-        model.load_trainable_state_dict(best_state)
-        return result
+                state.done = self._should_stop(state)
+                state.train_seconds += time.perf_counter() - started
+                save()
+        state.done = True
+        model.load_trainable_state_dict(best)
+        return state
 
-    def _train_epoch(self, model, loader, optimizer, loss_fn, trainable, result, progress, task) -> float:
+    def _progress(self) -> Progress:
+        return Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), console=console, transient=True,
+        )
+
+    def _validate(self, model, val_loader, loss_fn, metrics_fn, state: TrainingState, optimizer, train_loss, started) -> bool:
+        """Score the epoch, append it to the history; True if it is the best so far."""
+        evaluation = self.evaluate(model, val_loader, loss_fn)
+        scores = {"val_loss": evaluation.loss, **{f"val_{k}": v for k, v in metrics_fn(evaluation.labels, evaluation.predictions).items()}}
+        record = {
+            "epoch": state.epoch, "step": state.steps, "train_loss": train_loss, **scores,
+            "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
+        }
+        score = scores[self.monitor]
+        improved = state.best_epoch == 0 or MONITORS[self.monitor] * (score - state.best_score) > 0
+        if improved:
+            state.best_epoch, state.best_score, state.stale = state.epoch, score, 0
+        else:
+            state.stale += 1
+        state.history.append(record)
+        self._log_epoch(record, improved)
+        return improved
+
+    def _should_stop(self, state: TrainingState) -> bool:
+        if self.max_steps is not None and state.steps >= self.max_steps:
+            info(f"reached trainer.max_steps={self.max_steps}")
+            return True
+        if self.patience is not None and state.stale >= self.patience:
+            info(f"early stopping: {self.monitor} did not improve for {self.patience} epochs")
+            return True
+        return False
+
+    def _train_epoch(self, model, loader, optimizer, loss_fn, trainable, state: TrainingState, progress, task, stop) -> float:
         model.train()
         total, n = 0.0, 0
         started = time.perf_counter()
@@ -199,14 +223,14 @@ class Trainer:
             if self.grad_clip:
                 torch.nn.utils.clip_grad_norm_(trainable, self.grad_clip)
             optimizer.step()
-            result.steps += 1
+            state.steps += 1
             total += loss.item() * len(batch["labels"])
             n += len(batch["labels"])
             progress.update(task, advance=1, loss=loss.item())
-            if self.max_steps is not None and result.steps >= self.max_steps:
+            if stop or (self.max_steps is not None and state.steps >= self.max_steps):
                 break
-        result.cells_seen += n
-        result.step_seconds += time.perf_counter() - started
+        state.cells_seen += n
+        state.step_seconds += time.perf_counter() - started
         return total / max(n, 1)
 
     def _log_epoch(self, record: dict, improved: bool) -> None:
