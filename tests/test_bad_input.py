@@ -191,7 +191,7 @@ def test_bad_configuration_is_one_clear_line(tmp_path, case):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    result = run_cli("--debug", "train", "trainer.lr=-0.1", f"hydra.run.dir={tmp_path}", check=False)
+    result = run_cli("--debug", "train", "trainer.lr=-0.1", f"hydra.run.dir={tmp_path}", check=False, isolated=True)
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 

@@ -10,7 +10,7 @@ from scpeft_cli.assembly import load_trained
 from scpeft_cli.data.loading import load_pbmc68k_reduced
 from scpeft_cli.training.loaders import CellTokens, make_loader
 from scpeft_cli.training.trainer import Trainer
-from tests.conftest import run_cli
+from tests.conftest import TINY, run_cli
 
 SWEPT = ["head_only", "linear_probe", "token_prompt", "encoder_prompt", "prefix", "lora", "hf", "combo"]
 
@@ -19,8 +19,8 @@ SWEPT = ["head_only", "linear_probe", "token_prompt", "encoder_prompt", "prefix"
 def sweep_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     run_cli(
-        "train", "-m", f"peft={','.join(SWEPT)}", "backbone=scgpt_small", "trainer.max_epochs=1",
-        "trainer.max_steps=3", "evaluation.umap=false", f"hydra.sweep.dir={out}",
+        "train", "-m", f"peft={','.join(SWEPT)}", *TINY, "backbone.n_layers=2", "evaluation.umap=false",
+        "evaluation.baselines=false", "evaluation.silhouette=false", f"hydra.sweep.dir={out}",
     )
     return out
 
@@ -62,8 +62,7 @@ def test_reloaded_adapter_reproduces_the_test_predictions(sweep_dir):
 def test_a_failing_job_is_recorded_the_sweep_goes_on_and_the_gate_fails(tmp_path):
     sweep = tmp_path / "sweep"
     run_cli(
-        "train", "-m", "peft=head_only", "trainer.lr=0.001,-1", "backbone=scgpt_small", "trainer.max_epochs=1",
-        "trainer.max_steps=2", "evaluation.umap=false", f"hydra.sweep.dir={sweep}",
+        "train", "-m", "peft=head_only", "trainer.lr=0.001,-1", *TINY, "evaluation.umap=false", f"hydra.sweep.dir={sweep}",
     )
     failed = json.loads((sweep / "1" / "failed.json").read_text())
     assert failed["type"] == "UserError" and "trainer.lr" in failed["error"]

@@ -54,9 +54,9 @@ def check_init(init: str) -> None:
 
 
 def select_layers(layers: Sequence[int] | None, n_layers: int, *, default: str) -> list[int]:
-    """0-based layer indices; None means the strategy's default ('first_half' or 'all')."""
+    """0-based layer indices; None means the strategy's default ('first_half' (at least one) or 'all')."""
     if layers is None:
-        return list(range(n_layers // 2 if default == "first_half" else n_layers))
+        return list(range(max(1, n_layers // 2) if default == "first_half" else n_layers))
     chosen = sorted({int(i) for i in layers})
     bad = [i for i in chosen if not 0 <= i < n_layers]
     if bad or not chosen:
