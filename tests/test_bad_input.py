@@ -164,6 +164,14 @@ def test_bad_checkpoints_are_one_clear_line(tmp_path, case):
     assert_clear_failure(result, run_dir, CHECKPOINT_CASES[case])
 
 
+def test_tiny_gene_overlap_is_refused_with_the_figures(tmp_path):
+    folder = write_checkpoint(tmp_path / "ckpt")
+    genes = [GENES[0], *(f"OTHER{i}" for i in range(39))]
+    path = write(make_adata(genes=genes), tmp_path / "data.h5ad")
+    result, run_dir = train(tmp_path, f"backbone.checkpoint={folder}", "data=h5ad", f"data.path={path}", "data.label_key=cell_type")
+    assert_clear_failure(result, run_dir, r"only 1 of 40 genes \(2.5%\) are in the model vocabulary, below the 10% minimum")
+
+
 def test_no_gene_overlap_names_ensembl_ids(tmp_path):
     folder = write_checkpoint(tmp_path / "ckpt")
     path = write(ensembl_genes(make_adata()), tmp_path / "data.h5ad")

@@ -16,18 +16,15 @@ import pandas as pd
 from scpeft_cli.data.splits import SPLITS, summarize_split
 from scpeft_cli.errors import UserError
 from scpeft_cli.tokenizers.vocab import (
+    MIN_OVERLAP,
     SPECIAL_TOKENS,
+    WARN_OVERLAP,
     GeneVocab,
     ensembl_fraction,
     gene_id_hint,
     gene_id_kind,
 )
 
-# Below this share of the data's genes in the vocabulary a run is refused by `inspect` (exit code 2):
-# the model would see almost none of the measured genes.
-MIN_OVERLAP = 0.1
-# Below this share the run works but most genes are ignored: a warning.
-WARN_OVERLAP = 0.5
 # Classes smaller than this cannot be in train, val and test at once (the stratified split refuses them).
 MIN_CLASS_CELLS = 3
 # Classes smaller than this give noisy per-class test figures: a warning.

@@ -8,6 +8,7 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
+from scpeft_cli.artifacts import write_json
 from scpeft_cli.errors import UserError
 from scpeft_cli.peft.model import PeftModel
 
@@ -25,7 +26,7 @@ def save_adapter(model: PeftModel, directory: str | Path, *, config: dict[str, A
     tmp = weights.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt", "strategy": model.strategy.name})
     tmp.replace(weights)
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
+    write_json(directory / CONFIG_FILE, config)
     return weights.stat().st_size
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scpeft_cli.artifacts import write_text
 from scpeft_cli.console import info, warn
 from scpeft_cli.errors import UserError
 
@@ -17,6 +18,9 @@ PAD_TOKEN = "<pad>"
 CLS_TOKEN = "<cls>"
 EOC_TOKEN = "<eoc>"
 SPECIAL_TOKENS = (PAD_TOKEN, CLS_TOKEN, EOC_TOKEN)
+# Below this share of the data's genes in the vocabulary a run is refused; below WARN_OVERLAP it is flagged.
+MIN_OVERLAP = 0.1
+WARN_OVERLAP = 0.5
 
 # Ensembl gene ids (ENSG00000141510, ENSMUSG00000059552.3, ...): prefix, "G", 6+ digits, optional version.
 ENSEMBL_GENE_ID = re.compile(r"^ENS[A-Z]*G\d{6,}(?:\.\d+)?(?:_PAR_Y)?$")
@@ -108,7 +112,7 @@ class GeneVocab:
         return self.token_to_id[CLS_TOKEN]
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.token_to_id))
+        write_text(path, json.dumps(self.token_to_id))
 
     def map_genes(self, genes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Column indices of the genes found in the vocabulary, and their token ids; logs the overlap."""
@@ -121,8 +125,13 @@ class GeneVocab:
                 f"none of the {total} genes are in the model vocabulary (examples: {list(genes[:3])}); "
                 f"{gene_id_hint(gene_id_kind(genes), gene_id_kind(self.token_to_id))}"
             )
+        if n < MIN_OVERLAP * total:
+            raise UserError(
+                f"only {n} of {total} genes ({100 * n / total:.1f}%) are in the model vocabulary, below the "
+                f"{100 * MIN_OVERLAP:.0f}% minimum; {gene_id_hint(gene_id_kind(genes), gene_id_kind(self.token_to_id))}"
+            )
         info(f"gene overlap with vocabulary: {n} / {total} genes ({100 * n / total:.1f}%)")
-        if n < 0.5 * total:
+        if n < WARN_OVERLAP * total:
             warn(
                 f"only {100 * n / total:.1f}% of the genes are in the vocabulary; the rest are ignored; "
                 f"{gene_id_hint(gene_id_kind(genes), gene_id_kind(self.token_to_id))}"
