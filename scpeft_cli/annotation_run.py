@@ -20,6 +20,7 @@ from scpeft_cli.instantiate import instantiate
 from scpeft_cli.peft.persistence import TRAINING_GENES_FILE, save_adapter
 from scpeft_cli.tasks.baselines import knn_reference_mapping, pca_logreg
 from scpeft_cli.tasks.embedding_quality import label_silhouette, plot_umap
+from scpeft_cli.tokenizers.cache import tokenize_cached
 from scpeft_cli.training.checkpoint import CHECKPOINT_FILE
 from scpeft_cli.training.loaders import CellTokens, make_loader
 from scpeft_cli.training.resources import PeakMemory
@@ -51,6 +52,7 @@ def load_labelled_cells(cfg: DictConfig) -> LabelledCells:
 class RunOptions:
     seed: int
     overwrite: bool
+    cache_dir: str | None
 
 
 @dataclass
@@ -106,7 +108,7 @@ def run_annotation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     strategy = instantiate(cfg.peft)
     cells = load_labelled_cells(cfg)
     backbone = build_backbone(cfg, genes=cells.adata.var_names)
-    tokens = backbone.tokenizer.tokenize(cells.adata.X, cells.adata.var_names, seed=cfg.seed)
+    tokens = tokenize_cached(backbone.tokenizer, cells.adata.X, cells.adata.var_names, seed=cfg.seed, cache_dir=cfg.cache_dir)
     info(f"tokenised {len(tokens)} cells: median {int(np.median(tokens.lengths))} tokens, max {tokens.lengths.max()}")
 
     def loader(split: str | np.ndarray, *, train: bool = False):
@@ -114,7 +116,8 @@ def run_annotation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         return make_loader(
             CellTokens(tokens, cells.labels, indices), backbone.tokenizer.collate,
             batch_size=trainer.batch_size if train else trainer.eval_batch_size, shuffle=train, seed=cfg.seed,
-            balanced=train and trainer.balanced_sampler, num_workers=trainer.num_workers,
+            balanced=train and trainer.balanced_sampler, group_by_length=trainer.group_by_length,
+            num_workers=trainer.num_workers,
         )
 
     frozen = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -99,13 +100,25 @@ class PromptHook(nn.Module):
 
 
 def run_layers(
-    layers: nn.ModuleList, x: torch.Tensor, padding_mask: torch.Tensor, prompts: PromptHook | None = None
+    layers: nn.ModuleList,
+    x: torch.Tensor,
+    padding_mask: torch.Tensor,
+    prompts: PromptHook | None = None,
+    *,
+    checkpointing: bool = False,
 ) -> torch.Tensor:
-    """The layer stack, with the prompt hook (if any) around each layer."""
+    """The layer stack, with the prompt hook (if any) around each layer.
+
+    `checkpointing` (training only) keeps no activations inside a layer and recomputes them in the
+    backward pass: less memory for about one more forward pass of time.
+    """
     for index, layer in enumerate(layers):
         if prompts is not None:
             x, padding_mask = prompts.before_layer(index, x, padding_mask)
-        x = layer(x, padding_mask)
+        if checkpointing and torch.is_grad_enabled():
+            x = checkpoint(layer, x, padding_mask, use_reentrant=False)
+        else:
+            x = layer(x, padding_mask)
     if prompts is not None:
         x, padding_mask = prompts.after_stack(x, padding_mask)
     return x

@@ -86,6 +86,7 @@ class ScGPT(nn.Module):
             for _ in range(arch.n_layers)
         )
         self.scpeft_prompts: PromptHook | None = None
+        self.gradient_checkpointing = False  # set by the trainer (trainer.grad_checkpointing)
 
     @property
     def token_embedding_adapter_owner(self) -> nn.Module:
@@ -96,7 +97,10 @@ class ScGPT(nn.Module):
         return self.encoder(batch["gene_ids"]) + self.value_encoder(batch["values"])
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return run_layers(self.layers, self.embed(batch), batch["padding_mask"], self.scpeft_prompts)
+        return run_layers(
+            self.layers, self.embed(batch), batch["padding_mask"], self.scpeft_prompts,
+            checkpointing=self.gradient_checkpointing and self.training,
+        )
 
     def cell_embedding(self, states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return states[:, 0]

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
 from scpeft_cli.tokenizers.scgpt import TokenizedCells
 
@@ -28,6 +28,46 @@ class CellTokens(Dataset):
         return gene_ids, values, int(self.labels[cell])
 
 
+class LengthGroupedSampler(Sampler[int]):
+    """Random order in which each run of `batch_size` cells has similar token counts, so padding stays small.
+
+    The cells are shuffled, cut into windows of `window` batches, sorted by length inside each window,
+    batched, and the batches shuffled: still random, but a batch rarely mixes 50- and 1,000-token cells.
+    """
+
+    def __init__(self, lengths: np.ndarray, *, batch_size: int, generator: torch.Generator, window: int = 50):
+        self.lengths = torch.as_tensor(lengths)
+        self.batch_size = batch_size
+        self.generator = generator
+        self.window = window * batch_size
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths), generator=self.generator)
+        batches = []
+        for start in range(0, len(order), self.window):
+            chunk = order[start : start + self.window]
+            chunk = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)]
+            batches += list(torch.split(chunk, self.batch_size))
+        for i in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield from batches[i].tolist()
+
+
+class LengthSortedSampler(Sampler[int]):
+    """Fixed longest-first order for inference; `order` lets the caller put results back in dataset order."""
+
+    def __init__(self, lengths: np.ndarray):
+        self.order = np.argsort(-np.asarray(lengths), kind="stable")
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):
+        return iter(self.order.tolist())
+
+
 def make_loader(
     dataset: CellTokens,
     collate_cells: Callable,
@@ -36,9 +76,14 @@ def make_loader(
     shuffle: bool,
     seed: int,
     balanced: bool = False,
+    group_by_length: bool = True,
     num_workers: int = 0,
 ) -> DataLoader:
-    """DataLoader whose order depends only on `seed`; `balanced` samples classes by 1/count."""
+    """DataLoader whose order depends only on `seed`; `balanced` samples classes by 1/count.
+
+    With `group_by_length`, training batches hold cells of similar length and evaluation runs
+    longest-first (results are returned in dataset order by `Runtime.collect`).
+    """
 
     def collate(items):
         batch = collate_cells([(ids, vals) for ids, vals, _ in items])
@@ -47,10 +92,14 @@ def make_loader(
 
     generator = torch.Generator().manual_seed(seed)
     sampler = None
+    lengths = dataset.tokens.lengths[dataset.indices]
     if balanced:
         labels = dataset.labels[dataset.indices]
         weights = 1.0 / np.bincount(labels)[labels]
         sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(labels), generator=generator)
+    elif group_by_length:
+        sampler = LengthGroupedSampler(lengths, batch_size=batch_size, generator=generator) if shuffle else LengthSortedSampler(lengths)
+    if sampler is not None:
         shuffle = False
     return DataLoader(
         dataset,

@@ -55,11 +55,18 @@ class Runtime:
 
     @torch.no_grad()
     def collect(self, forward: Callable[[Batch], dict[str, torch.Tensor]], loader: Iterable[Batch]) -> dict[str, np.ndarray]:
-        """Run `forward` over every batch (eval mode is the caller's job); outputs stacked in loader order."""
+        """Run `forward` over every batch (eval mode is the caller's job); outputs stacked in dataset
+        order (a loader whose sampler has an `order` visits cells in that order; it is undone here)."""
         outputs: dict[str, list[torch.Tensor]] = defaultdict(list)
         for batch in loader:
             batch = self.to_device(batch)
             with self.autocast():
                 for key, value in forward(batch).items():
                     outputs[key].append(value.float().cpu() if value.is_floating_point() else value.cpu())
-        return {key: torch.cat(values).numpy() for key, values in outputs.items()}
+        stacked = {key: torch.cat(values).numpy() for key, values in outputs.items()}
+        order = getattr(getattr(loader, "sampler", None), "order", None)
+        if order is None:
+            return stacked
+        restore = np.empty_like(order)
+        restore[order] = np.arange(len(order))
+        return {key: value[restore] if len(value) == len(order) else value for key, value in stacked.items()}

@@ -71,6 +71,8 @@ class Trainer:
         class_weighted_loss: bool,
         balanced_sampler: bool,
         num_workers: int,
+        group_by_length: bool = True,
+        grad_checkpointing: bool = False,
     ):
         if monitor not in MONITORS:
             raise UserError(f"trainer.monitor={monitor} is not one of {', '.join(MONITORS)}")
@@ -90,6 +92,8 @@ class Trainer:
         self.class_weighted_loss = class_weighted_loss
         self.balanced_sampler = balanced_sampler
         self.num_workers = num_workers
+        self.group_by_length = group_by_length
+        self.grad_checkpointing = grad_checkpointing
 
     @property
     def device(self) -> torch.device:
@@ -132,6 +136,7 @@ class Trainer:
         resumed from: the result is the same as that of an uninterrupted run.
         """
         model.to(self.device)
+        model.backbone.gradient_checkpointing = self.grad_checkpointing
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(trainable, lr=self.lr)
         scheduler = self.scheduler_factory(optimizer) if self.scheduler_factory else None
