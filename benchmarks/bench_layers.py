@@ -7,7 +7,7 @@ Both stacks get the SAME weights (qkv -> in_proj_weight/bias, out_proj, linear1/
 ReLU, dropout 0, and the same input with a key padding mask (the last `--pad-frac` of the tokens of
 every other cell are padding). Checked: outputs identical on the non-padded positions
 (torch.testing.assert_close, atol 1e-5, rtol 1e-5) in eval mode and in train mode, and the weight
-gradients of the train-mode backward (atol 1e-4, rtol 1e-4).
+gradients of the train-mode backward (max |difference| <= 1e-5 x the tensor's largest gradient).
 
 Timed (median of `--repeats`, the two implementations interleaved so that background load hits
 both alike):
@@ -157,14 +157,17 @@ def bench_size(size: str, args) -> list[dict]:
         ref_params = dict(ref_layer.named_parameters())
         for name, p in ours_layer.named_parameters():
             ref_name = name.replace("self_attn.qkv.weight", "self_attn.in_proj_weight").replace("self_attn.qkv.bias", "self_attn.in_proj_bias")
-            torch.testing.assert_close(p.grad, ref_params[ref_name].grad, atol=1e-4, rtol=1e-4)
-            grad_diff = max(grad_diff, (p.grad - ref_params[ref_name].grad).abs().max().item())
+            # Gradients are sums over ~5,000 tokens (magnitudes up to ~1e3): compare relative to each tensor's scale.
+            ref_grad = ref_params[ref_name].grad
+            scale = ref_grad.abs().max().item()
+            torch.testing.assert_close(p.grad, ref_grad, atol=1e-5 * scale, rtol=0)
+            grad_diff = max(grad_diff, (p.grad - ref_grad).abs().max().item() / scale)
     t_ours, t_ref = [], []
     for _ in range(repeats):
         t_ours.append(timed(lambda: step(lambda: run_ours(ours, x, padding), ours)))
         t_ref.append(timed(lambda: step(lambda: run_reference(reference, x, padding), reference)))
     row = _row(size, "train fwd+bwd", t_ours, t_ref, diff, dims, args, repeats, False)
-    row["max_abs_grad_diff"] = grad_diff
+    row["max_rel_grad_diff"] = grad_diff  # max |diff| / max |grad|, over every weight tensor
     rows.append(row)
     print(f"  {size:>5} {'train fwd+bwd':<32} ours {row['ours_ms']:.1f} ms  reference {row['reference_ms']:.1f} ms", flush=True)
     return rows
@@ -213,7 +216,8 @@ def main(argv=None) -> int:
         "ours: `run_layers` over `TransformerLayer` (fused qkv + F.scaled_dot_product_attention); reference: "
         "nn.TransformerEncoder(batch_first=True, norm_first=False, enable_nested_tensor=True) with the same weights",
         "ours_vs_reference < 1: ours is faster (median time ratio; the implementations run interleaved); "
-        "train fwd+bwd also checks every weight gradient (atol 1e-4): max_abs_grad_diff in the CSV",
+        "outputs: assert_close(atol=1e-5, rtol=1e-5); train fwd+bwd also checks every weight gradient "
+        "(max |diff| <= 1e-5 x the tensor's max |grad|): max_rel_grad_diff in the CSV",
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
     ]
     _common.write_results("layers", rows, COLUMNS, title="Layer stack vs nn.TransformerEncoder (CPU)", notes=notes)

@@ -22,6 +22,7 @@ from scpeft_cli.tasks.baselines import knn_reference_mapping, pca_logreg
 from scpeft_cli.tasks.embedding_quality import label_silhouette, plot_umap
 from scpeft_cli.tokenizers.cache import tokenize_cached
 from scpeft_cli.training.checkpoint import CHECKPOINT_FILE
+from scpeft_cli.training.distributed import leave
 from scpeft_cli.training.loaders import CellTokens, make_loader
 from scpeft_cli.training.resources import PeakMemory
 from scpeft_cli.training.trainer import Evaluation, Trainer
@@ -121,7 +122,8 @@ def run_annotation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         )
 
     frozen = None
-    if cfg.evaluation.baselines or cfg.evaluation.silhouette:
+    main_process = trainer.group.is_main
+    if main_process and (cfg.evaluation.baselines or cfg.evaluation.silhouette):
         info("embedding train and test cells with the frozen backbone (zero-shot reference)")
         frozen = {s: trainer.embed(backbone.model, loader(s)) for s in ("train", "test")}
 
@@ -142,6 +144,9 @@ def run_annotation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             parts.model, train_loader=loader("train", train=True), val_loader=loader("val"), loss_fn=loss_fn,
             metrics_fn=metrics_fn, checkpoint=run_dir / CHECKPOINT_FILE,
         )
+    leave(trainer.group)
+    if not main_process:  # under torchrun, the first process evaluates once on the full test set and writes
+        return None
     evaluations = {s: trainer.evaluate(parts.model, loader(s), loss_fn) for s in SPLITS}
     test = evaluations["test"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -15,10 +16,10 @@ Batch = dict[str, torch.Tensor]
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' picks cuda, then mps, then cpu."""
+    """'auto' picks cuda (this process's GPU under torchrun), then mps, then cpu."""
     if device == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from scpeft_cli.console import console, info
@@ -23,6 +24,7 @@ from scpeft_cli.training.checkpoint import (
     rng_states,
     save_checkpoint,
 )
+from scpeft_cli.training.distributed import process_group
 from scpeft_cli.training.interrupt import TrainingInterrupted, stop_on_signals
 from scpeft_cli.training.runtime import Runtime
 
@@ -89,6 +91,7 @@ class Trainer:
         self.patience = patience
         self.monitor = monitor
         self.runtime = Runtime.create(device=device, precision=precision)
+        self.group = process_group(self.runtime.device.type)
         self.class_weighted_loss = class_weighted_loss
         self.balanced_sampler = balanced_sampler
         self.num_workers = num_workers
@@ -138,6 +141,9 @@ class Trainer:
         model.to(self.device)
         model.backbone.gradient_checkpointing = self.grad_checkpointing
         trainable = [p for p in model.parameters() if p.requires_grad]
+        step_model = model
+        if self.group.enabled:  # only parameters that require grad are registered, so only they sync
+            step_model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         optimizer = self.optimizer_factory(trainable, lr=self.lr)
         scheduler = self.scheduler_factory(optimizer) if self.scheduler_factory else None
         state, best = TrainingState(), None
@@ -153,7 +159,7 @@ class Trainer:
             info(f"resuming from {checkpoint} after epoch {state.epoch}" + (" (training had finished)" if state.done else ""))
 
         def save():
-            if checkpoint is not None:
+            if checkpoint is not None and self.group.is_main:
                 save_checkpoint(checkpoint, state=state, tensors={
                     "model": model.trainable_state_dict(), "best": best, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else {},
@@ -164,7 +170,7 @@ class Trainer:
             while not state.done and state.epoch < self.max_epochs:
                 started = time.perf_counter()
                 task = progress.add_task("train", total=len(train_loader), epoch=state.epoch + 1, loss=float("nan"))
-                train_loss = self._train_epoch(model, train_loader, optimizer, loss_fn, trainable, state, progress, task, stop)
+                train_loss = self._train_epoch(step_model, train_loader, optimizer, loss_fn, trainable, state, progress, task, stop)
                 progress.remove_task(task)
                 if stop:
                     raise TrainingInterrupted(stop.signum, f"interrupted during epoch {state.epoch + 1}; the last checkpoint (epoch {state.epoch}) is kept: run the same command again, or `scpeft train resume=RUN_DIR`, to continue")
@@ -215,28 +221,31 @@ class Trainer:
         return False
 
     def _train_epoch(self, model, loader, optimizer, loss_fn, trainable, state: TrainingState, progress, task, stop) -> float:
+        """One pass over the training cells; returns this process's mean training loss."""
         model.train()
-        total, n = 0.0, 0
+        total, n_local, n_global = 0.0, 0, 0
         started = time.perf_counter()
-        for batch in loader:
+        for global_batch in loader:
+            batch, weight = self.group.shard(global_batch)
             batch = self.runtime.to_device(batch)
             with self.runtime.autocast():
                 logits, _ = model(batch)
-            loss = loss_fn(logits, batch["labels"])
+            loss = loss_fn(logits, batch["labels"]) if len(batch["labels"]) else logits.sum() * 0.0
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight).backward()
             if self.grad_clip:
                 torch.nn.utils.clip_grad_norm_(trainable, self.grad_clip)
             optimizer.step()
             state.steps += 1
             total += loss.item() * len(batch["labels"])
-            n += len(batch["labels"])
+            n_local += len(batch["labels"])
+            n_global += len(global_batch["labels"])
             progress.update(task, advance=1, loss=loss.item())
             if stop or (self.max_steps is not None and state.steps >= self.max_steps):
                 break
-        state.cells_seen += n
+        state.cells_seen += n_global
         state.step_seconds += time.perf_counter() - started
-        return total / max(n, 1)
+        return total / max(n_local, 1)
 
     def _log_epoch(self, record: dict, improved: bool) -> None:
         marker = " [green]*best[/]" if improved else ""
