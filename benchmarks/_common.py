@@ -72,13 +72,20 @@ def print_table(title: str, rows: Sequence[dict], columns: Sequence[str]) -> Non
         return
     table = Table(title=title)
     for column in columns:
-        table.add_column(column, justify="left" if column in {"strategy", "size", "implementation", "mode", "method", "setting"} else "right")
+        table.add_column(
+            column,
+            justify="left"
+            if column in {"strategy", "size", "implementation", "mode", "method", "setting"}
+            else "right",
+        )
     for row in rows:
         table.add_row(*(fmt(row.get(c)) for c in columns))
     Console(width=max(120, sum(len(c) + 3 for c in columns))).print(table)
 
 
-def write_results(stem: str, rows: Sequence[dict], columns: Sequence[str], *, title: str, notes: Sequence[str] = ()) -> tuple[Path, Path]:
+def write_results(
+    stem: str, rows: Sequence[dict], columns: Sequence[str], *, title: str, notes: Sequence[str] = ()
+) -> tuple[Path, Path]:
     """benchmarks/results/{stem}.csv (every key of the rows) and {stem}.md (the chosen columns + notes)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     all_keys: list[str] = []

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import warnings
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_strategies.py
@@ -48,10 +48,14 @@ SIZES = {
 COLUMNS = ["size", "mode", "ours_ms", "reference_ms", "ours_vs_reference", "outputs_identical", "max_abs_diff"]
 
 
-def build_pair(d_model: int, n_heads: int, d_ff: int, n_layers: int, seed: int = 0) -> tuple[nn.ModuleList, nn.TransformerEncoder]:
+def build_pair(
+    d_model: int, n_heads: int, d_ff: int, n_layers: int, seed: int = 0
+) -> tuple[nn.ModuleList, nn.TransformerEncoder]:
     torch.manual_seed(seed)
     ours = nn.ModuleList(
-        TransformerLayer(d_model, n_heads, d_ff, dropout=0.0, attention_dropout=0.0, activation="relu", norm_first=False, eps=1e-5)
+        TransformerLayer(
+            d_model, n_heads, d_ff, dropout=0.0, attention_dropout=0.0, activation="relu", norm_first=False, eps=1e-5
+        )
         for _ in range(n_layers)
     )
     template = nn.TransformerEncoderLayer(
@@ -67,13 +71,17 @@ def build_pair(d_model: int, n_heads: int, d_ff: int, n_layers: int, seed: int =
     for ours_layer, ref_layer in zip(ours, reference.layers, strict=True):
         state = {}
         for key, tensor in ours_layer.state_dict().items():
-            key = key.replace("self_attn.qkv.weight", "self_attn.in_proj_weight").replace("self_attn.qkv.bias", "self_attn.in_proj_bias")
+            key = key.replace("self_attn.qkv.weight", "self_attn.in_proj_weight").replace(
+                "self_attn.qkv.bias", "self_attn.in_proj_bias"
+            )
             state[key] = tensor.clone()
         ref_layer.load_state_dict(state, strict=True)
     return ours, reference
 
 
-def make_input(batch: int, tokens: int, d_model: int, pad_frac: float, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def make_input(
+    batch: int, tokens: int, d_model: int, pad_frac: float, seed: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, tokens, d_model, generator=generator)
     padding = torch.zeros(batch, tokens, dtype=torch.bool)
@@ -134,12 +142,18 @@ def bench_size(size: str, args) -> list[dict]:
         finally:
             torch.backends.mha.set_fastpath_enabled(previous)
         rows.append(_row(size, label, t_ours, t_ref, diff_row, dims, args, repeats, fast_path_used if fast else False))
-        print(f"  {size:>5} {label:<32} ours {rows[-1]['ours_ms']:.1f} ms  reference {rows[-1]['reference_ms']:.1f} ms", flush=True)
+        print(
+            f"  {size:>5} {label:<32} ours {rows[-1]['ours_ms']:.1f} ms  reference {rows[-1]['reference_ms']:.1f} ms",
+            flush=True,
+        )
 
     # ---- train mode, dropout 0: forward + backward
     ours.train()
     reference.train()
-    weight = torch.randn(args.batch, args.tokens, dims["d_model"], generator=torch.Generator().manual_seed(2)) * real[..., None]
+    weight = (
+        torch.randn(args.batch, args.tokens, dims["d_model"], generator=torch.Generator().manual_seed(2))
+        * real[..., None]
+    )
 
     def step(fn, module):
         module.zero_grad(set_to_none=True)
@@ -156,7 +170,9 @@ def bench_size(size: str, args) -> list[dict]:
     for ours_layer, ref_layer in zip(ours, reference.layers, strict=True):
         ref_params = dict(ref_layer.named_parameters())
         for name, p in ours_layer.named_parameters():
-            ref_name = name.replace("self_attn.qkv.weight", "self_attn.in_proj_weight").replace("self_attn.qkv.bias", "self_attn.in_proj_bias")
+            ref_name = name.replace("self_attn.qkv.weight", "self_attn.in_proj_weight").replace(
+                "self_attn.qkv.bias", "self_attn.in_proj_bias"
+            )
             # Gradients are sums over ~5,000 tokens (magnitudes up to ~1e3): compare relative to each tensor's scale.
             ref_grad = ref_params[ref_name].grad
             scale = ref_grad.abs().max().item()
@@ -169,7 +185,10 @@ def bench_size(size: str, args) -> list[dict]:
     row = _row(size, "train fwd+bwd", t_ours, t_ref, diff, dims, args, repeats, False)
     row["max_rel_grad_diff"] = grad_diff  # max |diff| / max |grad|, over every weight tensor
     rows.append(row)
-    print(f"  {size:>5} {'train fwd+bwd':<32} ours {row['ours_ms']:.1f} ms  reference {row['reference_ms']:.1f} ms", flush=True)
+    print(
+        f"  {size:>5} {'train fwd+bwd':<32} ours {row['ours_ms']:.1f} ms  reference {row['reference_ms']:.1f} ms",
+        flush=True,
+    )
     return rows
 
 
@@ -200,9 +219,12 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", nargs="+", default=["whole", "small"], choices=list(SIZES))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=701)
-    parser.add_argument("--pad-frac", type=float, default=0.3, help="share of the tokens that are padding in every other cell")
+    parser.add_argument(
+        "--pad-frac", type=float, default=0.3, help="share of the tokens that are padding in every other cell"
+    )
     parser.add_argument("--repeats", type=int, default=0, help="timed repeats per mode (default: whole 3, small 20)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--suffix", default="", help="appended to the result file names")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -220,7 +242,9 @@ def main(argv=None) -> int:
         "(max |diff| <= 1e-5 x the tensor's max |grad|): max_rel_grad_diff in the CSV",
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
     ]
-    _common.write_results("layers", rows, COLUMNS, title="Layer stack vs nn.TransformerEncoder (CPU)", notes=notes)
+    _common.write_results(
+        "layers" + args.suffix, rows, COLUMNS, title="Layer stack vs nn.TransformerEncoder (CPU)", notes=notes
+    )
     return 0
 
 

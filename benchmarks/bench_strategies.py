@@ -6,7 +6,8 @@
 
 Each (size, strategy) runs in a fresh subprocess, so its peak memory is clean: the model is assembled
 from the composed config (`assemble`, random weights), an AdamW optimiser is built on the trainable
-parameters, then `--warmup` + `--steps` training steps run on one synthetic batch (`--batch` cells x
+parameters, then `--warmup` + `--steps` training steps (defaults: 1 + 3 at whole-human size,
+3 + 20 at small size, whose steps take ~0.2 s) run on one synthetic batch (`--batch` cells x
 `--tokens` tokens, all real, `<cls>` first) in train mode with the config's dropout:
 forward, cross-entropy on the head, backward, AdamW step (the trainer's order).
 
@@ -60,8 +61,18 @@ STRATEGIES = {
 }
 
 COLUMNS = [
-    "strategy", "trainable_params", "trainable_pct", "build_s", "step_s", "cells_per_s",
-    "peak_memory_mb", "step_time_vs_full", "memory_vs_full", "grads_mb", "optimizer_state_mb", "activations_etc_mb",
+    "strategy",
+    "trainable_params",
+    "trainable_pct",
+    "build_s",
+    "step_s",
+    "cells_per_s",
+    "peak_memory_mb",
+    "step_time_vs_full",
+    "memory_vs_full",
+    "grads_mb",
+    "optimizer_state_mb",
+    "activations_etc_mb",
 ]
 
 
@@ -115,7 +126,9 @@ def synthetic_batch(tokenizer, genes: list[str], *, batch: int, tokens: int, n_c
     for _ in range(batch):
         ids = rng.choice(gene_ids, size=tokens - 1, replace=tokens - 1 > len(gene_ids))
         values = rng.integers(1, tokenizer.n_bins, size=tokens - 1).astype(np.float32)
-        cells.append((np.concatenate([[vocab.cls_id], ids]), np.concatenate([[tokenizer.cls_value], values]).astype(np.float32)))
+        cells.append(
+            (np.concatenate([[vocab.cls_id], ids]), np.concatenate([[tokenizer.cls_value], values]).astype(np.float32))
+        )
     out = tokenizer.collate(cells)
     assert not out["padding_mask"].any() and out["gene_ids"].shape == (batch, tokens)
     out["labels"] = torch.from_numpy(rng.integers(0, n_classes, size=batch))
@@ -152,7 +165,12 @@ def worker(spec: dict) -> dict:
     counts = parameter_counts(model)
 
     batch = synthetic_batch(
-        parts.backbone.tokenizer, genes, batch=spec["batch"], tokens=spec["tokens"], n_classes=int(cfg.task.n_classes), seed=1
+        parts.backbone.tokenizer,
+        genes,
+        batch=spec["batch"],
+        tokens=spec["tokens"],
+        n_classes=int(cfg.task.n_classes),
+        seed=1,
     )
     batch = {k: v.to(device) for k, v in batch.items()}
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -186,9 +204,10 @@ def worker(spec: dict) -> dict:
     hwm = _hwm_bytes() if hwm_ok else None
 
     grads_mb = sum(p.numel() * p.element_size() for p in trainable) / 2**20
-    state_mb = sum(
-        t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
-    ) / 2**20
+    state_mb = (
+        sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+        / 2**20
+    )
     step_s = statistics.median(times)
     return {
         "strategy": spec["strategy"],
@@ -226,26 +245,37 @@ def run_one(spec: dict, timeout: float) -> dict:
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         proc = subprocess.run(
             [sys.executable, __file__, "--worker", json.dumps(spec), "--worker-out", out.name],
-            capture_output=True, text=True, timeout=timeout, env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
         )
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            raise RuntimeError(f"{spec['size']}/{spec['strategy']} failed (exit {proc.returncode}): " + " | ".join(tail))
+            raise RuntimeError(
+                f"{spec['size']}/{spec['strategy']} failed (exit {proc.returncode}): " + " | ".join(tail)
+            )
         return json.loads(Path(out.name).read_text())
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", nargs="+", default=["whole", "small"], choices=list(SIZES))
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=701, help="tokens per cell including <cls>")
     parser.add_argument("--warmup", type=int, default=None, help="unmeasured first steps (default: whole 1, small 3)")
-    parser.add_argument("--steps", type=int, default=None, help="measured steps, median reported (default: whole 3, small 20)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="measured steps, median reported (default: whole 3, small 20)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    parser.add_argument("--override", action="append", default=[], help="extra Hydra override for every run (repeatable)")
+    parser.add_argument(
+        "--override", action="append", default=[], help="extra Hydra override for every run (repeatable)"
+    )
     parser.add_argument("--timeout", type=float, default=600, help="seconds per strategy subprocess")
     parser.add_argument("--suffix", default="", help="appended to the result file names")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -275,10 +305,17 @@ def main(argv=None) -> int:
         rows = []
         for strategy in strategies:
             spec = {
-                "size": size, "strategy": strategy, "n_genes": SIZES[size]["n_genes"],
+                "size": size,
+                "strategy": strategy,
+                "n_genes": SIZES[size]["n_genes"],
                 "overrides": SIZES[size]["overrides"] + STRATEGIES[strategy] + args.override,
-                "batch": args.batch, "tokens": args.tokens, "warmup": warmup, "steps": steps,
-                "device": args.device, "bf16": args.bf16, "threads": args.threads,
+                "batch": args.batch,
+                "tokens": args.tokens,
+                "warmup": warmup,
+                "steps": steps,
+                "device": args.device,
+                "bf16": args.bf16,
+                "threads": args.threads,
             }
             t0 = time.perf_counter()
             try:
@@ -304,11 +341,13 @@ def main(argv=None) -> int:
             f"batch {args.batch} cells x {args.tokens} tokens, no padding; {warmup} warm-up + {steps} measured steps "
             f"(median); AdamW on the trainable parameters; train mode, dropout {first.get('dropout')}, "
             f"attention dropout {first.get('attention_dropout')}; device {args.device}{', bf16 autocast' if args.bf16 else ''}",
-            "peak_memory_mb: " + (
+            "peak_memory_mb: "
+            + (
                 "CUDA allocator peak during the steps minus the memory allocated before them"
-                if args.device.startswith("cuda") else
-                "peak growth of the process RSS during warm-up + steps over the RSS after building model, optimiser and batch"
-            ) + "; grads_mb / optimizer_state_mb: fp32 gradient and AdamW state sizes; activations_etc_mb: the rest "
+                if args.device.startswith("cuda")
+                else "peak growth of the process RSS during warm-up + steps over the RSS after building model, optimiser and batch"
+            )
+            + "; grads_mb / optimizer_state_mb: fp32 gradient and AdamW state sizes; activations_etc_mb: the rest "
             "(saved activations, temporaries, allocator slack)",
             "every strategy ran in a fresh subprocess; ratios are to full fine-tuning in the same run; "
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
@@ -316,8 +355,11 @@ def main(argv=None) -> int:
         if args.override:
             notes.append("extra overrides: " + " ".join(args.override))
         _common.write_results(
-            f"strategies_{size}{args.suffix}", rows, COLUMNS,
-            title=f"Strategies, {size} size ({args.device}{', bf16' if args.bf16 else ''})", notes=notes,
+            f"strategies_{size}{args.suffix}",
+            rows,
+            COLUMNS,
+            title=f"Strategies, {size} size ({args.device}{', bf16' if args.bf16 else ''})",
+            notes=notes,
         )
     return 0
 

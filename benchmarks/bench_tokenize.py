@@ -45,8 +45,17 @@ from scpeft_cli.tokenizers.scgpt import ScGPTTokenizer  # noqa: E402
 from scpeft_cli.tokenizers.vocab import GeneVocab  # noqa: E402
 
 COLUMNS = [
-    "setting", "ours_s", "ours_cells_per_s", "ours_with_collate_s", "reference_s", "reference_binning_s",
-    "reference_cells_per_s", "speedup", "speedup_with_collate", "same_genes", "bins_equal_pct",
+    "setting",
+    "ours_s",
+    "ours_cells_per_s",
+    "ours_with_collate_s",
+    "reference_s",
+    "reference_binning_s",
+    "reference_cells_per_s",
+    "speedup",
+    "speedup_with_collate",
+    "same_genes",
+    "bins_equal_pct",
 ]
 
 
@@ -76,7 +85,9 @@ def reference_binning(X: sp.spmatrix, n_bins: int) -> np.ndarray:
     return np.stack(binned_rows)
 
 
-def reference_tokenize_and_pad(binned: np.ndarray, gene_ids: np.ndarray, *, max_len: int, cls_id: int, pad_id: int, pad_value: float) -> dict[str, torch.Tensor]:
+def reference_tokenize_and_pad(
+    binned: np.ndarray, gene_ids: np.ndarray, *, max_len: int, cls_id: int, pad_id: int, pad_value: float
+) -> dict[str, torch.Tensor]:
     """upstream `tokenize_and_pad_batch(..., append_cls=True, include_zero_gene=False)`."""
     tokenized = []
     for row in binned:
@@ -99,14 +110,18 @@ def reference_tokenize_and_pad(binned: np.ndarray, gene_ids: np.ndarray, *, max_
     return {"genes": torch.stack(gene_rows), "values": torch.stack(value_rows)}
 
 
-def reference(X: sp.spmatrix, genes: list[str], tokenizer: ScGPTTokenizer, *, max_len: int, seed: int) -> tuple[dict, float, float]:
+def reference(
+    X: sp.spmatrix, genes: list[str], tokenizer: ScGPTTokenizer, *, max_len: int, seed: int
+) -> tuple[dict, float, float]:
     np.random.seed(seed)
     t0 = time.perf_counter()
     vocab = tokenizer.vocab
     gene_ids = np.array([vocab.token_to_id.get(g, -1) for g in genes], dtype=np.int64)  # upstream: vocab(genes)
     binned = reference_binning(X, tokenizer.n_bins)
     t1 = time.perf_counter()
-    out = reference_tokenize_and_pad(binned, gene_ids, max_len=max_len, cls_id=vocab.cls_id, pad_id=vocab.pad_id, pad_value=tokenizer.pad_value)
+    out = reference_tokenize_and_pad(
+        binned, gene_ids, max_len=max_len, cls_id=vocab.cls_id, pad_id=vocab.pad_id, pad_value=tokenizer.pad_value
+    )
     t2 = time.perf_counter()
     return out, t2 - t0, t1 - t0
 
@@ -115,16 +130,23 @@ def reference(X: sp.spmatrix, genes: list[str], tokenizer: ScGPTTokenizer, *, ma
 def synthetic_counts(n_cells: int, n_genes: int, density: float, seed: int) -> sp.csr_matrix:
     """Negative-binomial-like counts at the given density, log1p, CSR float64 (no cell is empty)."""
     rng = np.random.default_rng(seed)
-    X = sp.random(n_cells, n_genes, density=density, format="csr", random_state=rng,
-                  data_rvs=lambda k: 1.0 + rng.negative_binomial(1, 0.3, size=k))
+    X = sp.random(
+        n_cells,
+        n_genes,
+        density=density,
+        format="csr",
+        random_state=rng,
+        data_rvs=lambda k: 1.0 + rng.negative_binomial(1, 0.3, size=k),
+    )
     X.data = np.log1p(X.data)
     return X.astype(np.float64)
 
 
 def tie_free(n_cells: int, n_genes: int, density: float, seed: int) -> sp.csr_matrix:
     rng = np.random.default_rng(seed)
-    return sp.random(n_cells, n_genes, density=density, format="csr", random_state=rng,
-                     data_rvs=lambda k: 0.1 + rng.random(k) * 5.0).astype(np.float64)
+    return sp.random(
+        n_cells, n_genes, density=density, format="csr", random_state=rng, data_rvs=lambda k: 0.1 + rng.random(k) * 5.0
+    ).astype(np.float64)
 
 
 def ours_cells(tokenized) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -156,8 +178,8 @@ def subsample_ok(sub: list, full: list, max_len: int) -> bool:
     for (gs, vs), (gf, vf) in zip(sub, full, strict=True):
         if len(gs) != min(len(gf), max_len) or gs[0] != gf[0]:
             return False
-        pairs = set(zip(gf.tolist(), vf.tolist()))
-        if not set(zip(gs.tolist(), vs.tolist())) <= pairs:
+        pairs = set(zip(gf.tolist(), vf.tolist(), strict=True))
+        if not set(zip(gs.tolist(), vs.tolist(), strict=True)) <= pairs:
             return False
     return True
 
@@ -173,19 +195,30 @@ def main(argv=None) -> int:
     parser.add_argument("--genes", type=int, default=2_000)
     parser.add_argument("--density", type=float, default=0.3)
     parser.add_argument("--n-bins", type=int, default=51)
-    parser.add_argument("--max-lens", type=int, nargs="+", default=[3001, 257],
-                        help="max_seq_len settings; 3001 (scGPT's) subsamples nothing here, 257 subsamples every cell")
+    parser.add_argument(
+        "--max-lens",
+        type=int,
+        nargs="+",
+        default=[3001, 257],
+        help="max_seq_len settings; 3001 (scGPT's) subsamples nothing here, 257 subsamples every cell",
+    )
     parser.add_argument("--batch", type=int, default=64, help="batch size of the collate pass")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of ours (median); the reference runs once")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed repeats of ours (median); the reference runs once"
+    )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--suffix", default="", help="appended to the result file names")
     args = parser.parse_args(argv)
 
     genes = [f"G{i:05d}" for i in range(args.genes)]
     vocab = GeneVocab.from_genes(genes)
     t0 = time.perf_counter()
     X = synthetic_counts(args.cells, args.genes, args.density, args.seed)
-    print(f"input: {X.shape[0]:,} cells x {X.shape[1]:,} genes, {X.nnz / np.prod(X.shape):.1%} non-zero, "
-          f"{np.diff(X.indptr).min()}-{np.diff(X.indptr).max()} genes per cell ({time.perf_counter() - t0:.1f} s to make)", flush=True)
+    print(
+        f"input: {X.shape[0]:,} cells x {X.shape[1]:,} genes, {X.nnz / np.prod(X.shape):.1%} non-zero, "
+        f"{np.diff(X.indptr).min()}-{np.diff(X.indptr).max()} genes per cell ({time.perf_counter() - t0:.1f} s to make)",
+        flush=True,
+    )
 
     rows, full_tokens = [], {}
     for max_len in args.max_lens:
@@ -206,11 +239,19 @@ def main(argv=None) -> int:
         n_sub = int((np.diff(X.indptr) + 1 > max_len).sum())
         row = {
             "setting": f"max_len {max_len} ({n_sub:,} cells subsampled)",
-            "cells": args.cells, "genes": args.genes, "density": args.density, "max_len": max_len,
-            "ours_s": ours_s, "ours_cells_per_s": args.cells / ours_s, "ours_with_collate_s": ours_collate_s,
+            "cells": args.cells,
+            "genes": args.genes,
+            "density": args.density,
+            "max_len": max_len,
+            "ours_s": ours_s,
+            "ours_cells_per_s": args.cells / ours_s,
+            "ours_with_collate_s": ours_collate_s,
             "ours_times_s": " ".join(f"{t:.3f}" for t in times),
-            "reference_s": ref_s, "reference_binning_s": ref_bin_s, "reference_cells_per_s": args.cells / ref_s,
-            "speedup": ref_s / ours_s, "speedup_with_collate": ref_s / ours_collate_s,
+            "reference_s": ref_s,
+            "reference_binning_s": ref_bin_s,
+            "reference_cells_per_s": args.cells / ref_s,
+            "speedup": ref_s / ours_s,
+            "speedup_with_collate": ref_s / ours_collate_s,
         }
         if n_sub == 0:
             same, pct, _ = compare(ours_list, ref_list)
@@ -219,11 +260,18 @@ def main(argv=None) -> int:
         else:
             base = next(iter(full_tokens.values()), None)
             if base is not None:
-                row["same_genes"] = subsample_ok(ours_list, base[0], max_len) and subsample_ok(ref_list, base[1], max_len)
-                row["subsample_check"] = "kept (gene, bin) pairs are a subset of the unsubsampled cell, lengths min(n+1, max_len)"
+                row["same_genes"] = subsample_ok(ours_list, base[0], max_len) and subsample_ok(
+                    ref_list, base[1], max_len
+                )
+                row["subsample_check"] = (
+                    "kept (gene, bin) pairs are a subset of the unsubsampled cell, lengths min(n+1, max_len)"
+                )
         rows.append(row)
-        print(f"  max_len {max_len}: ours {ours_s:.2f} s ({row['ours_cells_per_s']:,.0f} cells/s), "
-              f"reference {ref_s:.2f} s ({row['reference_cells_per_s']:,.0f} cells/s): {row['speedup']:.1f}x", flush=True)
+        print(
+            f"  max_len {max_len}: ours {ours_s:.2f} s ({row['ours_cells_per_s']:,.0f} cells/s), "
+            f"reference {ref_s:.2f} s ({row['reference_cells_per_s']:,.0f} cells/s): {row['speedup']:.1f}x",
+            flush=True,
+        )
         del ref_out, ref_list
 
     # Tie-free input: the two must agree exactly.
@@ -236,12 +284,23 @@ def main(argv=None) -> int:
         tf_ours_s = time.perf_counter() - t0
     ref_tf, tf_ref_s, tf_ref_bin_s = reference(X_tf, genes, tokenizer, max_len=max(args.max_lens), seed=args.seed)
     same, pct, _ = compare(ours_cells(tok_tf), reference_cells(ref_tf, vocab.pad_id))
-    rows.append({
-        "setting": f"tie-free check ({n_tf:,} cells, max_len {max(args.max_lens)})",
-        "cells": n_tf, "genes": args.genes, "density": args.density, "max_len": max(args.max_lens),
-        "ours_s": tf_ours_s, "ours_cells_per_s": n_tf / tf_ours_s, "reference_s": tf_ref_s, "reference_binning_s": tf_ref_bin_s,
-        "reference_cells_per_s": n_tf / tf_ref_s, "speedup": tf_ref_s / tf_ours_s, "same_genes": same, "bins_equal_pct": pct,
-    })
+    rows.append(
+        {
+            "setting": f"tie-free check ({n_tf:,} cells, max_len {max(args.max_lens)})",
+            "cells": n_tf,
+            "genes": args.genes,
+            "density": args.density,
+            "max_len": max(args.max_lens),
+            "ours_s": tf_ours_s,
+            "ours_cells_per_s": n_tf / tf_ours_s,
+            "reference_s": tf_ref_s,
+            "reference_binning_s": tf_ref_bin_s,
+            "reference_cells_per_s": n_tf / tf_ref_s,
+            "speedup": tf_ref_s / tf_ours_s,
+            "same_genes": same,
+            "bins_equal_pct": pct,
+        }
+    )
     print(f"  tie-free check: same genes {same}, {pct:.2f}% identical bins", flush=True)
 
     notes = [
@@ -254,7 +313,9 @@ def main(argv=None) -> int:
         "speedup = reference_s / ours_s; same_genes: identical gene sequences per cell (subsampled rows: subset check); "
         "bins_equal_pct: identical bins where genes match (differences are ties, placed at random by both)",
     ]
-    _common.write_results("tokenize", rows, COLUMNS, title="Tokenisation: ours vs per-cell reference", notes=notes)
+    _common.write_results(
+        "tokenize" + args.suffix, rows, COLUMNS, title="Tokenisation: ours vs per-cell reference", notes=notes
+    )
     return 0
 
 

@@ -6,7 +6,7 @@
 
 Results land in benchmarks/results/ (each script writes its CSV + markdown table); afterwards this
 prints the target checks of benchmarks/README.md from those CSVs. `--quick` writes *_quick files
-where the scripts support a suffix, so the full results are not overwritten by a smoke run.
+so the full results are not overwritten by a smoke run.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def commands(quick: bool, device: str) -> dict[str, list[str]]:
     strategies = [py, str(HERE / "bench_strategies.py"), "--device", device]
     if quick:
         strategies += ["--sizes", "small", "--steps", "5", "--suffix", "_quick"]
-    layers = [py, str(HERE / "bench_layers.py")] + (["--sizes", "small"] if quick else [])
-    tokenize = [py, str(HERE / "bench_tokenize.py")] + (["--cells", "2000"] if quick else [])
+    layers = [py, str(HERE / "bench_layers.py")] + (["--sizes", "small", "--suffix", "_quick"] if quick else [])
+    tokenize = [py, str(HERE / "bench_tokenize.py")] + (["--cells", "2000", "--suffix", "_quick"] if quick else [])
     return {"strategies": strategies, "layers": layers, "tokenize": tokenize}
 
 
@@ -56,9 +56,16 @@ def check_targets() -> list[str]:
         for name in ("encoder_prompt", "token_prompt"):
             if name in whole:
                 ratio = _f(whole[name], "memory_vs_full")
-                lines.append(f"{'MET    ' if ratio <= 0.5 else 'NOT MET'} {name} peak memory (whole) {ratio:.2f} x full (target <= 0.5)")
-        for size, rows in (("whole", whole), ("small", {r["strategy"]: r for r in _read("strategies_small.csv") if r.get("step_s")})):
-            slower = {n: _f(r, "step_time_vs_full") for n, r in rows.items() if n != "full" and _f(r, "step_time_vs_full") > 1}
+                lines.append(
+                    f"{'MET    ' if ratio <= 0.5 else 'NOT MET'} {name} peak memory (whole) {ratio:.2f} x full (target <= 0.5)"
+                )
+        for size, rows in (
+            ("whole", whole),
+            ("small", {r["strategy"]: r for r in _read("strategies_small.csv") if r.get("step_s")}),
+        ):
+            slower = {
+                n: _f(r, "step_time_vs_full") for n, r in rows.items() if n != "full" and _f(r, "step_time_vs_full") > 1
+            }
             if rows:
                 worst = max((_f(r, "step_time_vs_full"), n) for n, r in rows.items() if n != "full")
                 lines.append(
@@ -68,7 +75,9 @@ def check_targets() -> list[str]:
     tokenize = [r for r in _read("tokenize.csv") if r["setting"].startswith("max_len")]
     if tokenize:
         worst = min(_f(r, "speedup") for r in tokenize)
-        lines.append(f"{'MET    ' if worst >= 10 else 'NOT MET'} tokenisation speedup {worst:.1f}x (lowest setting; target >= 10x)")
+        lines.append(
+            f"{'MET    ' if worst >= 10 else 'NOT MET'} tokenisation speedup {worst:.1f}x (lowest setting; target >= 10x)"
+        )
     layers = _read("layers.csv")
     if layers:
         ok = all(r.get("outputs_identical") == "True" for r in layers)

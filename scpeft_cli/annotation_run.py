@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,23 +68,35 @@ class EvaluationOptions:
 OPTIONS = {"": RunOptions, "evaluation": EvaluationOptions}
 
 
-def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
-    """Never overwrite a finished run silently; resume an interrupted one only under the same config."""
+def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """Never overwrite a finished run silently; resume an interrupted one only under the same config.
+
+    Returns the saved metrics when `run_dir` already holds this very run, finished: re-running a sweep
+    into its own dir then skips the jobs that are done and resumes the one that was interrupted.
+    """
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
-    if (run_dir / "metrics.json").is_file():
-        if not cfg.overwrite:
-            raise UserError(f"{run_dir} holds a finished run (metrics.json); choose another hydra.run.dir or set overwrite=true")
-        for stale in ("metrics.json", CHECKPOINT_FILE):
-            (run_dir / stale).unlink(missing_ok=True)
-    if (run_dir / CHECKPOINT_FILE).is_file() and (run_dir / "config.yaml").is_file():
-        before = OmegaConf.create((run_dir / "config.yaml").read_text())
-        changed = _changed_keys(before, OmegaConf.create(config_text))
-        if changed:
-            raise UserError(
-                f"{run_dir} holds an interrupted run with another configuration ({', '.join(changed[:5])} differ); "
-                "resume it with the same settings, or use another hydra.run.dir"
-            )
+    changed = None
+    if (run_dir / "config.yaml").is_file():
+        changed = _changed_keys(OmegaConf.create((run_dir / "config.yaml").read_text()), OmegaConf.create(config_text))
+    if (run_dir / "metrics.json").is_file() and not cfg.overwrite:
+        if not changed:
+            console.print(f"{run_dir} already holds this finished run: skipped (overwrite=true runs it again)")
+            return json.loads((run_dir / "metrics.json").read_text())
+        raise UserError(
+            f"{run_dir} holds a finished run with another configuration ({', '.join(changed[:5])} differ); "
+            "choose another hydra.run.dir or set overwrite=true"
+        )
+    if cfg.overwrite:
+        (run_dir / "metrics.json").unlink(missing_ok=True)
+        (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    elif (run_dir / CHECKPOINT_FILE).is_file() and changed:
+        raise UserError(
+            f"{run_dir} holds an interrupted run with another configuration ({', '.join(changed[:5])} differ); "
+            "resume it with the same settings, or use another hydra.run.dir"
+        )
+    (run_dir / "failed.json").unlink(missing_ok=True)  # a sweep job that failed before and runs again
     artifacts.write_text(run_dir / "config.yaml", config_text)
+    return None
 
 
 def _changed_keys(before: DictConfig, after: DictConfig, prefix: str = "") -> list[str]:
@@ -104,7 +117,9 @@ def _changed_keys(before: DictConfig, after: DictConfig, prefix: str = "") -> li
 def run_annotation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train and evaluate one configuration; `metrics.json` is written last, so it marks a finished run."""
     seed_everything(cfg.seed)
-    prepare_run_dir(cfg, run_dir)
+    finished = prepare_run_dir(cfg, run_dir)
+    if finished is not None:
+        return finished
     trainer: Trainer = instantiate(cfg.trainer)  # settings are checked before any data is read
     strategy = instantiate(cfg.peft)
     cells = load_labelled_cells(cfg)

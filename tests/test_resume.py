@@ -80,8 +80,10 @@ def test_sigterm_stops_cleanly_and_rerunning_the_same_command_resumes(uninterrup
 
 def test_a_finished_run_is_never_overwritten_silently(uninterrupted, tmp_path):
     before = (uninterrupted / "metrics.json").read_bytes()
-    result = run_cli("train", *RUN, f"hydra.run.dir={uninterrupted}", check=False)
-    assert result.returncode == 2 and "overwrite=true" in result.stdout
+    same = run_cli("train", *RUN, f"hydra.run.dir={uninterrupted}")
+    assert "already holds this finished run: skipped" in same.stdout  # re-running a sweep skips finished jobs
+    other = run_cli("train", *RUN, "trainer.lr=0.01", f"hydra.run.dir={uninterrupted}", check=False)
+    assert other.returncode == 2 and "overwrite=true" in other.stdout and "trainer.lr" in other.stdout
     assert (uninterrupted / "metrics.json").read_bytes() == before
 
 
