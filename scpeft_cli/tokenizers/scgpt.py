@@ -43,7 +43,7 @@ def _ragged_to_dense(X: sp.csr_matrix, data: np.ndarray) -> tuple[np.ndarray, tu
     counts = np.diff(X.indptr)
     rows = np.repeat(np.arange(X.shape[0]), counts)
     position = np.arange(X.nnz) - X.indptr[rows]
-    dense = np.full((X.shape[0], max(int(counts.max(initial=0)), 1)), np.inf)
+    dense = np.full((X.shape[0], max(int(counts.max(initial=0)), 1)), np.inf, dtype=data.dtype)
     dense[rows, position] = data
     return dense, (rows, position)
 
@@ -56,7 +56,8 @@ def quantile_bins(X: sp.csr_matrix, n_bins: int, rng: np.random.Generator) -> np
     as upstream scGPT does, with the given generator so the result is reproducible.
     """
     dense, slots = _ragged_to_dense(X, X.data)
-    ordered = np.sort(dense, axis=1)
+    order = np.argsort(dense, axis=1)
+    ordered = np.take_along_axis(dense, order, axis=1)
 
     # Quantile edges, computed exactly as numpy.quantile does so that ties give identical floats.
     last = np.maximum(np.diff(X.indptr) - 1, 0)[:, None]
@@ -67,12 +68,26 @@ def quantile_bins(X: sp.csr_matrix, n_bins: int, rng: np.random.Generator) -> np
     low_vals = np.take_along_axis(ordered, lower, axis=1)
     high_vals = np.take_along_axis(ordered, upper, axis=1)
     diff = high_vals - low_vals
-    edges = torch.from_numpy(np.where(gamma >= 0.5, high_vals - diff * (1 - gamma), low_vals + diff * gamma))
+    edges = np.where(gamma >= 0.5, high_vals - diff * (1 - gamma), low_vals + diff * gamma)
+    # Searching in the data's own precision: an edge is at least 1/49 of a gap away from both
+    # neighbouring values (or on one), so rounding it cannot reorder them.
+    edges = torch.from_numpy(edges.astype(dense.dtype))
 
-    # np.digitize(x, edges) and np.digitize(x, edges, right=True), batched over cells.
-    values = torch.from_numpy(dense)
-    left = torch.searchsorted(edges, values, right=True).numpy()[slots]
-    right = torch.searchsorted(edges, values, right=False).numpy()[slots]
+    # np.digitize(x, edges) counts the edges <= x (right=True: < x). With the values sorted, the
+    # value at position j has edge k <= it iff j >= #values < edge k: search the few edges among the
+    # many values, histogram those positions and take running sums.
+    sorted_values = torch.from_numpy(ordered)
+    width = dense.shape[1]
+
+    def edges_below(positions: torch.Tensor) -> np.ndarray:
+        counts = torch.zeros(len(dense), width + 1, dtype=torch.int32).scatter_add_(1, positions, torch.ones_like(positions, dtype=torch.int32))
+        in_sorted_order = torch.cumsum(counts, dim=1, dtype=torch.int32)[:, :width].numpy()
+        in_cell_order = np.empty_like(in_sorted_order)
+        np.put_along_axis(in_cell_order, order, in_sorted_order, axis=1)
+        return in_cell_order[slots]
+
+    left = edges_below(torch.searchsorted(sorted_values, edges, right=False))
+    right = edges_below(torch.searchsorted(sorted_values, edges, right=True))
     return np.ceil(rng.random(X.nnz) * (right - left) + left).astype(np.int64)
 
 
@@ -99,7 +114,7 @@ class ScGPTTokenizer:
 
     def tokenize(self, X: sp.spmatrix, genes: Sequence[str], *, seed: int) -> TokenizedCells:
         columns, token_ids = self.vocab.map_genes(list(genes))
-        X = sp.csr_matrix(X[:, columns], dtype=np.float64)
+        X = sp.csr_matrix(X[:, columns])  # the data's own float type, as upstream bins it
         X.eliminate_zeros()
         X.sort_indices()
         rng = np.random.default_rng(seed)
