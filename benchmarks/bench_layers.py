@@ -7,10 +7,11 @@ Both stacks get the SAME weights (qkv -> in_proj_weight/bias, out_proj, linear1/
 ReLU, dropout 0, and the same input with a key padding mask (the last `--pad-frac` of the tokens of
 every other cell are padding). Checked: outputs identical on the non-padded positions
 (torch.testing.assert_close, atol 1e-5, rtol 1e-5) in eval mode and in train mode, and the weight
-gradients of the train-mode backward (max |difference| <= 1e-5 x the tensor's largest gradient).
+gradients of the train-mode backward, against each other and against a float64 computation
+(relative to each tensor's largest gradient; bound 1e-2, see `gradient_check`).
 
-Timed (median of `--repeats`, the two implementations interleaved so that background load hits
-both alike):
+Timed (`--repeats`; in each repeat ours and the reference run back to back and the ratio reported is
+the median of those paired ratios, so that background load hits both alike):
 - eval: forward under torch.no_grad(); nn.TransformerEncoder then takes its fused "fast path"
   (nested tensors for the padding); also timed with the fast path switched off;
 - train: train mode (dropout 0), forward + backward of a loss on the non-padded outputs.
@@ -20,6 +21,7 @@ Writes benchmarks/results/layers.csv / .md.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -95,6 +97,13 @@ def run_ours(layers: nn.ModuleList, x: torch.Tensor, padding: torch.Tensor) -> t
     return run_layers(layers, x, padding)
 
 
+def took_fast_path(encoder: nn.TransformerEncoder, x: torch.Tensor, padding: torch.Tensor) -> bool:
+    """Whether nn.TransformerEncoder ran its fused kernel (aten::_transformer_encoder_layer_fwd) here."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        encoder(x, src_key_padding_mask=padding)
+    return any("_transformer_encoder_layer_fwd" in e.key for e in prof.key_averages())
+
+
 def run_reference(encoder: nn.TransformerEncoder, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
     out = encoder(x, src_key_padding_mask=padding)
     return out.to_padded_tensor(0.0, x.shape) if out.is_nested else out
@@ -111,7 +120,8 @@ def bench_size(size: str, args) -> list[dict]:
     ours, reference = build_pair(**dims)
     x, padding = make_input(args.batch, args.tokens, dims["d_model"], args.pad_frac)
     real = ~padding
-    repeats = args.repeats if args.repeats else (3 if size == "whole" else 20)
+    repeats = args.repeats if args.repeats else (5 if size == "whole" else 20)
+    train_repeats = args.repeats if args.repeats else (3 if size == "whole" else 20)
     rows = []
 
     # ---- eval: outputs + timing (fast path on, then off)
@@ -120,7 +130,7 @@ def bench_size(size: str, args) -> list[dict]:
     with torch.no_grad():
         out_ours = run_ours(ours, x, padding)
         out_ref = run_reference(reference, x, padding)
-        fast_path_used = reference(x, src_key_padding_mask=padding).is_nested
+        fast_path_used = took_fast_path(reference, x, padding)
     diff = (out_ours[real] - out_ref[real]).abs().max().item()
     torch.testing.assert_close(out_ours[real], out_ref[real], atol=1e-5, rtol=1e-5)
     for label, fast in (("eval, ref. fast path", True), ("eval, ref. fast path off", False)):
@@ -166,24 +176,16 @@ def bench_size(size: str, args) -> list[dict]:
     assert not out_ref.is_nested
     diff = (out_ours[real] - out_ref[real]).abs().max().item()
     torch.testing.assert_close(out_ours[real], out_ref[real], atol=1e-5, rtol=1e-5)
-    grad_diff = 0.0
-    for ours_layer, ref_layer in zip(ours, reference.layers, strict=True):
-        ref_params = dict(ref_layer.named_parameters())
-        for name, p in ours_layer.named_parameters():
-            ref_name = name.replace("self_attn.qkv.weight", "self_attn.in_proj_weight").replace(
-                "self_attn.qkv.bias", "self_attn.in_proj_bias"
-            )
-            # Gradients are sums over ~5,000 tokens (magnitudes up to ~1e3): compare relative to each tensor's scale.
-            ref_grad = ref_params[ref_name].grad
-            scale = ref_grad.abs().max().item()
-            torch.testing.assert_close(p.grad, ref_grad, atol=1e-5 * scale, rtol=0)
-            grad_diff = max(grad_diff, (p.grad - ref_grad).abs().max().item() / scale)
+    grad_diff, err_ours, err_ref = gradient_check(ours, reference, x, padding, weight)
     t_ours, t_ref = [], []
-    for _ in range(repeats):
+    for _ in range(train_repeats):
         t_ours.append(timed(lambda: step(lambda: run_ours(ours, x, padding), ours)))
         t_ref.append(timed(lambda: step(lambda: run_reference(reference, x, padding), reference)))
-    row = _row(size, "train fwd+bwd", t_ours, t_ref, diff, dims, args, repeats, False)
-    row["max_rel_grad_diff"] = grad_diff  # max |diff| / max |grad|, over every weight tensor
+    row = _row(size, "train fwd+bwd", t_ours, t_ref, diff, dims, args, train_repeats, False)
+    # max over every weight tensor of max |difference| / max |gradient| (float64 computation: the exact gradient)
+    row["max_rel_grad_diff"] = grad_diff
+    row["max_rel_grad_err_ours_vs_fp64"] = err_ours
+    row["max_rel_grad_err_reference_vs_fp64"] = err_ref
     rows.append(row)
     print(
         f"  {size:>5} {'train fwd+bwd':<32} ours {row['ours_ms']:.1f} ms  reference {row['reference_ms']:.1f} ms",
@@ -192,14 +194,51 @@ def bench_size(size: str, args) -> list[dict]:
     return rows
 
 
+def _ref_name(name: str) -> str:
+    return name.replace("self_attn.qkv.weight", "self_attn.in_proj_weight").replace(
+        "self_attn.qkv.bias", "self_attn.in_proj_bias"
+    )
+
+
+def gradient_check(ours, reference, x, padding, weight) -> tuple[float, float, float]:
+    """Weight gradients of both stacks (already computed) vs each other and vs a float64 computation.
+
+    Gradients are sums over ~5,000 tokens (magnitudes up to ~1e3), so differences are measured relative
+    to each tensor's largest gradient. In float32 both stacks are ~1e-4 off the float64 gradient, with
+    occasional ~5e-3 outliers in linear1 (a ReLU input within rounding of 0 flips), in either stack: the
+    check is that ours and the reference agree to 1e-2 and that ours is no further from float64 than
+    that either.
+    """
+    exact = copy.deepcopy(ours).double().train()
+    exact.zero_grad(set_to_none=True)
+    (run_ours(exact, x.double(), padding) * weight.double()).sum().backward()
+    diff = err_ours = err_ref = 0.0
+    for ours_layer, ref_layer, exact_layer in zip(ours, reference.layers, exact, strict=True):
+        ref_params, exact_params = dict(ref_layer.named_parameters()), dict(exact_layer.named_parameters())
+        for name, p in ours_layer.named_parameters():
+            g_ours, g_ref, g_exact = p.grad.double(), ref_params[_ref_name(name)].grad.double(), exact_params[name].grad
+            scale = g_exact.abs().max().item()
+            diff = max(diff, (g_ours - g_ref).abs().max().item() / scale)
+            err_ours = max(err_ours, (g_ours - g_exact).abs().max().item() / scale)
+            err_ref = max(err_ref, (g_ref - g_exact).abs().max().item() / scale)
+    assert diff <= 1e-2 and err_ours <= 1e-2, (
+        f"gradients differ: {diff:.2e} (ours vs float64 {err_ours:.2e}, reference {err_ref:.2e})"
+    )
+    return diff, err_ours, err_ref
+
+
 def _row(size, mode, t_ours, t_ref, diff, dims, args, repeats, fast_path) -> dict:
     ours_s, ref_s = statistics.median(t_ours), statistics.median(t_ref)
+    # Each repeat times ours then the reference back to back: the median of those paired ratios is
+    # robust to the background load drifting between repeats.
+    paired = statistics.median(o / r for o, r in zip(t_ours, t_ref, strict=True))
     return {
         "size": size,
         "mode": mode,
         "ours_ms": 1000 * ours_s,
         "reference_ms": 1000 * ref_s,
-        "ours_vs_reference": ours_s / ref_s,
+        "ours_vs_reference": paired,
+        "ratio_of_medians": ours_s / ref_s,
         "outputs_identical": True,  # assert_close passed (it raises otherwise)
         "max_abs_diff": diff,
         "reference_fast_path_taken": fast_path,
@@ -222,7 +261,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--pad-frac", type=float, default=0.3, help="share of the tokens that are padding in every other cell"
     )
-    parser.add_argument("--repeats", type=int, default=0, help="timed repeats per mode (default: whole 3, small 20)")
+    parser.add_argument(
+        "--repeats", type=int, default=0, help="timed repeats per mode (default: whole 5 eval / 3 train, small 20)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--suffix", default="", help="appended to the result file names")
     args = parser.parse_args(argv)
@@ -237,9 +278,11 @@ def main(argv=None) -> int:
         "whole: 512-d, 8 heads, d_ff 512, 12 layers; small: 64-d, 4 heads, d_ff 128, 2 layers; post-norm, ReLU, dropout 0",
         "ours: `run_layers` over `TransformerLayer` (fused qkv + F.scaled_dot_product_attention); reference: "
         "nn.TransformerEncoder(batch_first=True, norm_first=False, enable_nested_tensor=True) with the same weights",
-        "ours_vs_reference < 1: ours is faster (median time ratio; the implementations run interleaved); "
+        "ours_vs_reference < 1: ours is faster (median over the repeats of ours' time / the reference's time, the two "
+        "timed back to back in each repeat; ours_ms / reference_ms are the medians of each); "
         "outputs: assert_close(atol=1e-5, rtol=1e-5); train fwd+bwd also checks every weight gradient "
-        "(max |diff| <= 1e-5 x the tensor's max |grad|): max_rel_grad_diff in the CSV",
+        "relative to its largest gradient, against the other stack and a float64 computation (CSV: max_rel_grad_diff, "
+        "max_rel_grad_err_*_vs_fp64; both float32 stacks are ~1e-4 off float64 with rare ReLU-kink outliers, bound 1e-2)",
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
     ]
     _common.write_results(

@@ -86,7 +86,12 @@ def attention_ops(model, batch) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="whole", choices=list(SIZES))
-    parser.add_argument("--strategies", nargs="+", default=["full", "token_prompt", "encoder_prompt", "lora", "head_only"], choices=list(STRATEGIES))
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=["full", "token_prompt", "encoder_prompt", "lora", "head_only"],
+        choices=list(STRATEGIES),
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=701)
     parser.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
@@ -100,14 +105,31 @@ def main(argv=None) -> int:
         with contextlib.redirect_stdout(io.StringIO()):
             parts = assemble(cfg, n_classes=int(cfg.task.n_classes), genes=genes)
         model = parts.model.train()
-        batch = synthetic_batch(parts.backbone.tokenizer, genes, batch=args.batch, tokens=args.tokens, n_classes=int(cfg.task.n_classes), seed=1)
+        batch = synthetic_batch(
+            parts.backbone.tokenizer,
+            genes,
+            batch=args.batch,
+            tokens=args.tokens,
+            n_classes=int(cfg.task.n_classes),
+            seed=1,
+        )
         if not kernel:
             kernel = attention_ops(model, batch)
         by_module, biggest, total = saved_by_module(model, batch)
         print(f"  {strategy:<24} saved for backward: {total:,.0f} MB", flush=True)
         for module, mb in sorted(by_module.items(), key=lambda kv: -kv[1]):
-            rows.append({"strategy": strategy, "module": module, "saved_mb": mb, "share_pct": 100 * mb / total if total else 0.0, "largest_tensor": biggest[module]})
-        rows.append({"strategy": strategy, "module": "TOTAL", "saved_mb": total, "share_pct": 100.0, "largest_tensor": ""})
+            rows.append(
+                {
+                    "strategy": strategy,
+                    "module": module,
+                    "saved_mb": mb,
+                    "share_pct": 100 * mb / total if total else 0.0,
+                    "largest_tensor": biggest[module],
+                }
+            )
+        rows.append(
+            {"strategy": strategy, "module": "TOTAL", "saved_mb": total, "share_pct": 100.0, "largest_tensor": ""}
+        )
         del model, parts
     shown = [r for r in rows if r["module"] == "TOTAL" or r["share_pct"] >= 2.0]
     notes = [

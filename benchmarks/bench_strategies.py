@@ -160,6 +160,11 @@ def worker(spec: dict) -> dict:
     with contextlib.redirect_stdout(io.StringIO()):  # the "randomly initialised" warning, once per worker
         parts = assemble(cfg, n_classes=int(cfg.task.n_classes), genes=genes)
     model = parts.model.to(device)
+    checkpointing = spec["grad_checkpointing"] or bool(cfg.get("trainer", {}).get("grad_checkpointing", False))
+    if checkpointing:  # what the trainer does for trainer.grad_checkpointing=true
+        if not hasattr(model.backbone, "gradient_checkpointing"):
+            raise SystemExit("--grad-checkpointing: this backbone has no `gradient_checkpointing` switch")
+        model.backbone.gradient_checkpointing = True
     sync()
     build_s = time.perf_counter() - started
     counts = parameter_counts(model)
@@ -234,6 +239,7 @@ def worker(spec: dict) -> dict:
         "attention_dropout": float(cfg.backbone.attention_dropout),
         "device": str(device),
         "bf16": spec["bf16"],
+        "grad_checkpointing": checkpointing,
         "threads": torch.get_num_threads(),
         "overrides": " ".join(spec["overrides"]),
     }
@@ -272,6 +278,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
+    parser.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="recompute layer activations in backward (trainer.grad_checkpointing)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument(
         "--override", action="append", default=[], help="extra Hydra override for every run (repeatable)"
@@ -316,6 +327,7 @@ def main(argv=None) -> int:
                 "device": args.device,
                 "bf16": args.bf16,
                 "threads": args.threads,
+                "grad_checkpointing": args.grad_checkpointing,
             }
             t0 = time.perf_counter()
             try:
@@ -340,7 +352,8 @@ def main(argv=None) -> int:
             f"size `{size}` ({' '.join(SIZES[size]['overrides'])}, random weights, {SIZES[size]['n_genes']} genes in the vocabulary); "
             f"batch {args.batch} cells x {args.tokens} tokens, no padding; {warmup} warm-up + {steps} measured steps "
             f"(median); AdamW on the trainable parameters; train mode, dropout {first.get('dropout')}, "
-            f"attention dropout {first.get('attention_dropout')}; device {args.device}{', bf16 autocast' if args.bf16 else ''}",
+            f"attention dropout {first.get('attention_dropout')}; device {args.device}{', bf16 autocast' if args.bf16 else ''}"
+            f"{', gradient checkpointing' if first.get('grad_checkpointing') else ''}",
             "peak_memory_mb: "
             + (
                 "CUDA allocator peak during the steps minus the memory allocated before them"
@@ -358,7 +371,8 @@ def main(argv=None) -> int:
             f"strategies_{size}{args.suffix}",
             rows,
             COLUMNS,
-            title=f"Strategies, {size} size ({args.device}{', bf16' if args.bf16 else ''})",
+            title=f"Strategies, {size} size ({args.device}{', bf16' if args.bf16 else ''}"
+            f"{', gradient checkpointing' if args.grad_checkpointing else ''})",
             notes=notes,
         )
     return 0

@@ -3,6 +3,7 @@
     python benchmarks/run_all.py               # the full suite (~12-15 min on 2 CPU cores)
     python benchmarks/run_all.py --quick       # small sizes and 2,000 cells: a ~2 min smoke run
     python benchmarks/run_all.py --only layers tokenize
+    python benchmarks/run_all.py --only activations   # the saved-for-backward diagnostic (~1 min)
 
 Results land in benchmarks/results/ (each script writes its CSV + markdown table); afterwards this
 prints the target checks of benchmarks/README.md from those CSVs. `--quick` writes *_quick files
@@ -21,6 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 BENCHES = ("strategies", "layers", "tokenize")
+OPTIONAL = ("activations",)  # diagnostic: run with --only ... activations
 
 
 def commands(quick: bool, device: str) -> dict[str, list[str]]:
@@ -30,7 +32,10 @@ def commands(quick: bool, device: str) -> dict[str, list[str]]:
         strategies += ["--sizes", "small", "--steps", "5", "--suffix", "_quick"]
     layers = [py, str(HERE / "bench_layers.py")] + (["--sizes", "small", "--suffix", "_quick"] if quick else [])
     tokenize = [py, str(HERE / "bench_tokenize.py")] + (["--cells", "2000", "--suffix", "_quick"] if quick else [])
-    return {"strategies": strategies, "layers": layers, "tokenize": tokenize}
+    activations = [py, str(HERE / "bench_saved_activations.py")] + (
+        ["--size", "small", "--suffix", "_quick"] if quick else []
+    )
+    return {"strategies": strategies, "layers": layers, "tokenize": tokenize, "activations": activations}
 
 
 def _read(name: str) -> list[dict]:
@@ -91,7 +96,7 @@ def check_targets() -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", nargs="+", choices=BENCHES, default=list(BENCHES))
+    parser.add_argument("--only", nargs="+", choices=BENCHES + OPTIONAL, default=list(BENCHES))
     parser.add_argument("--quick", action="store_true", help="small sizes only: a smoke run")
     parser.add_argument("--device", default="cpu", help="device of bench_strategies (cpu | cuda)")
     args = parser.parse_args(argv)

@@ -76,13 +76,13 @@ def make_loader(
     shuffle: bool,
     seed: int,
     balanced: bool = False,
-    group_by_length: bool = True,
+    group_by_length: bool = False,
     num_workers: int = 0,
 ) -> DataLoader:
     """DataLoader whose order depends only on `seed`; `balanced` samples classes by 1/count.
 
-    With `group_by_length`, training batches hold cells of similar length and evaluation runs
-    longest-first (results are returned in dataset order by `Runtime.collect`).
+    Evaluation runs longest-first (results are put back in dataset order by `Runtime.collect`); with
+    `group_by_length`, training batches hold cells of similar length.
     """
 
     def collate(items):
@@ -97,8 +97,10 @@ def make_loader(
         labels = dataset.labels[dataset.indices]
         weights = 1.0 / np.bincount(labels)[labels]
         sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(labels), generator=generator)
-    elif group_by_length:
-        sampler = LengthGroupedSampler(lengths, batch_size=batch_size, generator=generator) if shuffle else LengthSortedSampler(lengths)
+    elif shuffle and group_by_length:
+        sampler = LengthGroupedSampler(lengths, batch_size=batch_size, generator=generator)
+    elif not shuffle:
+        sampler = LengthSortedSampler(lengths)
     if sampler is not None:
         shuffle = False
     return DataLoader(

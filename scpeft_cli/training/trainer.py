@@ -73,7 +73,7 @@ class Trainer:
         class_weighted_loss: bool,
         balanced_sampler: bool,
         num_workers: int,
-        group_by_length: bool = True,
+        group_by_length: bool = False,
         grad_checkpointing: bool = False,
     ):
         if monitor not in MONITORS:
