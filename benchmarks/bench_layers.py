@@ -120,7 +120,7 @@ def bench_size(size: str, args) -> list[dict]:
     ours, reference = build_pair(**dims)
     x, padding = make_input(args.batch, args.tokens, dims["d_model"], args.pad_frac)
     real = ~padding
-    repeats = args.repeats if args.repeats else (5 if size == "whole" else 20)
+    repeats = args.repeats if args.repeats else (3 if size == "whole" else 20)
     train_repeats = args.repeats if args.repeats else (3 if size == "whole" else 20)
     rows = []
 
@@ -262,7 +262,7 @@ def main(argv=None) -> int:
         "--pad-frac", type=float, default=0.3, help="share of the tokens that are padding in every other cell"
     )
     parser.add_argument(
-        "--repeats", type=int, default=0, help="timed repeats per mode (default: whole 5 eval / 3 train, small 20)"
+        "--repeats", type=int, default=0, help="timed repeats per mode (default: whole 3, small 20)"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--suffix", default="", help="appended to the result file names")

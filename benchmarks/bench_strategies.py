@@ -240,6 +240,7 @@ def worker(spec: dict) -> dict:
         "device": str(device),
         "bf16": spec["bf16"],
         "grad_checkpointing": checkpointing,
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", ""),
         "threads": torch.get_num_threads(),
         "overrides": " ".join(spec["overrides"]),
     }
@@ -367,6 +368,11 @@ def main(argv=None) -> int:
         ]
         if args.override:
             notes.append("extra overrides: " + " ".join(args.override))
+        if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+            notes.append(
+                f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}: glibc serves every allocation of at least "
+                "that size with mmap and returns it on free, so the RSS peak tracks live tensors (no heap retention)"
+            )
         _common.write_results(
             f"strategies_{size}{args.suffix}",
             rows,

@@ -46,7 +46,8 @@ def test_predict_writes_a_new_annotated_file_matching_the_run(trained, tmp_path)
     run_predictions = pd.read_csv(run_dir / "predictions.csv").set_index("cell_id")
     test = run_predictions[run_predictions["split"] == "test"]
     assert (result.obs.loc[test.index, "scpeft_label"].astype(str) == test["prediction"]).all()
-    np.testing.assert_allclose(result.obs.loc[test.index, "scpeft_confidence"], test["confidence"], rtol=1e-5)
+    # batches are padded differently than in the run: float32 noise only
+    np.testing.assert_allclose(result.obs.loc[test.index, "scpeft_confidence"], test["confidence"], atol=1e-4)
     table = pd.read_csv(output.with_suffix(".csv"))
     assert list(table.columns) == ["cell_id", "scpeft_label", "scpeft_confidence"] and len(table) == result.n_obs
 
