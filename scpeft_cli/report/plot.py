@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from scpeft_cli.artifacts import save_figure  # noqa: E402
-from scpeft_cli.report.baselines import BASELINE  # noqa: E402
+from scpeft_cli.artifacts import save_figure  # selects the non-interactive Agg backend
+from scpeft_cli.report.baselines import BASELINE
 
 COLOURS = {"strategy": "tab:blue", "baseline": "tab:gray"}
 
