@@ -5,6 +5,7 @@ import pytest
 import scipy.sparse as sp
 
 from scpeft_cli.errors import UserError
+from scpeft_cli.tokenizers import kernels
 from scpeft_cli.tokenizers.scgpt import ScGPTTokenizer, quantile_bins
 from scpeft_cli.tokenizers.vocab import CLS_TOKEN, PAD_TOKEN, GeneVocab
 
@@ -35,13 +36,28 @@ def random_counts(n_cells=60, n_genes=40, density=0.4, seed=0, with_ties=True) -
     return X
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("with_ties", [True, False])
-def test_bins_equal_upstream_per_cell_reference(with_ties):
-    X = random_counts(with_ties=with_ties)
+def test_bins_equal_upstream_per_cell_reference(with_ties, dtype):
+    X = random_counts(with_ties=with_ties).astype(dtype)
     ours = quantile_bins(X, N_BINS, np.random.default_rng(7))
     reference = reference_bins(X, N_BINS, np.random.default_rng(7))
     np.testing.assert_array_equal(ours, reference)
     assert ours.min() >= 1 and ours.max() <= N_BINS - 1
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        pytest.param(lambda X: X.multiply(-1).tocsr(), id="negative values sort as floats"),
+        pytest.param(lambda X: X.expm1().astype(np.int32), id="integer counts"),
+    ],
+)
+def test_bins_equal_upstream_for_other_value_kinds(transform):
+    X = transform(random_counts(n_cells=30, with_ties=False))
+    np.testing.assert_array_equal(
+        quantile_bins(X, N_BINS, np.random.default_rng(3)), reference_bins(X, N_BINS, np.random.default_rng(3))
+    )
 
 
 def test_bins_are_monotone_in_expression_within_a_cell():
@@ -106,6 +122,16 @@ def test_long_cells_are_subsampled_keeping_cls_and_seeded():
         full_bins = dict(zip(*map(np.ndarray.tolist, full.cell(i)), strict=True))
         ids, values = a.cell(i)
         assert all(full_bins[g] == v for g, v in zip(ids.tolist(), values.tolist(), strict=True))
+
+
+def test_subsampling_keeps_each_entry_with_equal_probability():
+    n_cells, length, keep_per_cell = 20_000, 10, 3
+    indptr = np.arange(n_cells + 1) * length
+    keep = kernels.keep_random_subset(indptr, np.random.default_rng(0).random(n_cells * length), keep_per_cell)
+    per_cell = keep.reshape(n_cells, length)
+    assert np.all(per_cell.sum(axis=1) == keep_per_cell)
+    # each position is kept with probability 3/10; 4 standard errors is 0.013
+    np.testing.assert_allclose(per_cell.mean(axis=0), keep_per_cell / length, atol=0.013)
 
 
 def test_collate_pads_right_with_pad_token_and_value():

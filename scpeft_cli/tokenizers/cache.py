@@ -15,7 +15,7 @@ import scipy.sparse as sp
 from scpeft_cli.console import info
 from scpeft_cli.tokenizers.scgpt import ScGPTTokenizer, TokenizedCells
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: float32 data binned against float64 edges, as np.quantile gives them
 
 
 def content_key(tokenizer: ScGPTTokenizer, X: sp.spmatrix, genes: Sequence[str], seed: int) -> str:
