@@ -16,8 +16,10 @@ measured steps; warm-up excluded), cells/s = batch / step time, and the peak mem
 on CPU the peak growth of the process RSS over the RSS after building model + optimiser + batch
 (`PeakMemory`, sampling /proc every 10 ms; warm-up included since it allocates gradients and the
 AdamW state), on CUDA the allocator peak (`torch.cuda.max_memory_allocated`) minus the memory
-allocated before the steps. `step_time_vs_full` and `memory_vs_full` are ratios to full fine-tuning
-measured in the same run. Writes benchmarks/results/strategies_{size}.csv / .md.
+allocated before the steps. The trainer's `return_freed_memory` setting is applied as the trainer
+applies it. Every strategy runs `--rounds` times, the order alternating between rounds so that a drift
+of the machine's speed falls on all alike; `step_time_vs_full` and `memory_vs_full` are medians of the
+ratios to full fine-tuning's run in the same round. Writes benchmarks/results/strategies_{size}.csv / .md.
 """
 
 from __future__ import annotations
@@ -142,6 +144,7 @@ def worker(spec: dict) -> dict:
     import torch
 
     from scpeft_cli.assembly import assemble, parameter_counts
+    from scpeft_cli.training.host_memory import return_freed_memory
     from scpeft_cli.training.resources import PeakMemory
 
     torch.manual_seed(0)
@@ -165,6 +168,8 @@ def worker(spec: dict) -> dict:
         if not hasattr(model.backbone, "gradient_checkpointing"):
             raise SystemExit("--grad-checkpointing: this backbone has no `gradient_checkpointing` switch")
         model.backbone.gradient_checkpointing = True
+    trainer_cfg = cfg.get("trainer", {})
+    freed_memory_returned = bool(trainer_cfg.get("return_freed_memory", False)) and return_freed_memory()
     sync()
     build_s = time.perf_counter() - started
     counts = parameter_counts(model)
@@ -241,12 +246,31 @@ def worker(spec: dict) -> dict:
         "bf16": spec["bf16"],
         "grad_checkpointing": checkpointing,
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", ""),
+        "return_freed_memory": freed_memory_returned,
         "threads": torch.get_num_threads(),
         "overrides": " ".join(spec["overrides"]),
     }
 
 
 # ----------------------------------------------------------------------------------------------- parent
+def combine_rounds(runs: list[dict], fulls: list[dict]) -> dict:
+    """One table row from a strategy's runs: medians over rounds, ratios paired with full's run of the same round."""
+    ok = [(run, full) for run, full in zip(runs, fulls, strict=True) if "step_s" in run and "step_s" in full]
+    if not ok:
+        return runs[0]
+    row = dict(ok[0][0])
+    row["step_s"] = statistics.median(run["step_s"] for run, _ in ok)
+    row["peak_memory_mb"] = statistics.median(run["peak_memory_mb"] for run, _ in ok)
+    row["cells_per_s"] = row["batch"] / row["step_s"]
+    row["activations_etc_mb"] = row["peak_memory_mb"] - row["grads_mb"] - row["optimizer_state_mb"]
+    row["step_time_vs_full"] = statistics.median(run["step_s"] / full["step_s"] for run, full in ok)
+    row["memory_vs_full"] = statistics.median(run["peak_memory_mb"] / full["peak_memory_mb"] for run, full in ok)
+    row["rounds"] = len(ok)
+    for key in ("step_s", "peak_memory_mb", "step_times_s", "peak_rss_hwm_growth_mb"):
+        row[f"{key}_by_round"] = " / ".join(str(run[key]) for run, _ in ok)
+    return row
+
+
 def run_one(spec: dict, timeout: float) -> dict:
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -288,6 +312,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--override", action="append", default=[], help="extra Hydra override for every run (repeatable)"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="times every strategy runs, in alternating order; the ratios to full are medians of per-round ratios",
+    )
     parser.add_argument("--timeout", type=float, default=600, help="seconds per strategy subprocess")
     parser.add_argument("--suffix", default="", help="appended to the result file names")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -314,40 +344,42 @@ def main(argv=None) -> int:
     for size in args.sizes:
         warmup = SIZES[size]["warmup"] if args.warmup is None else args.warmup
         steps = SIZES[size]["steps"] if args.steps is None else args.steps
-        rows = []
-        for strategy in strategies:
-            spec = {
-                "size": size,
-                "strategy": strategy,
-                "n_genes": SIZES[size]["n_genes"],
-                "overrides": SIZES[size]["overrides"] + STRATEGIES[strategy] + args.override,
-                "batch": args.batch,
-                "tokens": args.tokens,
-                "warmup": warmup,
-                "steps": steps,
-                "device": args.device,
-                "bf16": args.bf16,
-                "threads": args.threads,
-                "grad_checkpointing": args.grad_checkpointing,
-            }
-            t0 = time.perf_counter()
-            try:
-                row = run_one(spec, args.timeout)
-            except (RuntimeError, subprocess.TimeoutExpired) as err:
-                print(f"  {size:>5} {strategy:<24} FAILED: {err}")
-                rows.append({"strategy": strategy, "size": size, "error": str(err)[:300]})
-                continue
-            rows.append(row)
-            print(
-                f"  {size:>5} {strategy:<24} step {row['step_s']:.3f} s  peak {row['peak_memory_mb']:.0f} MB  "
-                f"trainable {row['trainable_params']:,}  ({time.perf_counter() - t0:.0f} s wall)",
-                flush=True,
-            )
-        full = rows[0] if "step_s" in rows[0] else None
-        for row in rows:
-            if full and "step_s" in row:
-                row["step_time_vs_full"] = row["step_s"] / full["step_s"]
-                row["memory_vs_full"] = row["peak_memory_mb"] / full["peak_memory_mb"]
+        by_round: list[dict[str, dict]] = []
+        for round_index in range(args.rounds):
+            # alternate the order so that a drift of the machine's speed falls on every strategy alike
+            order = strategies if round_index % 2 == 0 else strategies[::-1]
+            results = {}
+            for strategy in order:
+                spec = {
+                    "size": size,
+                    "strategy": strategy,
+                    "n_genes": SIZES[size]["n_genes"],
+                    "overrides": SIZES[size]["overrides"] + STRATEGIES[strategy] + args.override,
+                    "batch": args.batch,
+                    "tokens": args.tokens,
+                    "warmup": warmup,
+                    "steps": steps,
+                    "device": args.device,
+                    "bf16": args.bf16,
+                    "threads": args.threads,
+                    "grad_checkpointing": args.grad_checkpointing,
+                }
+                t0 = time.perf_counter()
+                try:
+                    results[strategy] = run_one(spec, args.timeout)
+                except (RuntimeError, subprocess.TimeoutExpired) as err:
+                    print(f"  {size:>5} {strategy:<24} FAILED: {err}")
+                    results[strategy] = {"strategy": strategy, "size": size, "error": str(err)[:300]}
+                    continue
+                row = results[strategy]
+                print(
+                    f"  {size:>5} {strategy:<24} step {row['step_s']:.3f} s  peak {row['peak_memory_mb']:.0f} MB  "
+                    f"trainable {row['trainable_params']:,}  (round {round_index + 1}/{args.rounds}, "
+                    f"{time.perf_counter() - t0:.0f} s wall)",
+                    flush=True,
+                )
+            by_round.append(results)
+        rows = [combine_rounds([results[strategy] for results in by_round], [r["full"] for r in by_round]) for strategy in strategies]
         first = next((r for r in rows if "step_s" in r), {})
         notes = [
             f"size `{size}` ({' '.join(SIZES[size]['overrides'])}, random weights, {SIZES[size]['n_genes']} genes in the vocabulary); "
@@ -363,7 +395,9 @@ def main(argv=None) -> int:
             )
             + "; grads_mb / optimizer_state_mb: fp32 gradient and AdamW state sizes; activations_etc_mb: the rest "
             "(saved activations, temporaries, allocator slack)",
-            "every strategy ran in a fresh subprocess; ratios are to full fine-tuning in the same run; "
+            f"every strategy ran in a fresh subprocess, {args.rounds} round(s) in alternating order; step_s and "
+            "peak_memory_mb are medians over rounds, step_time_vs_full and memory_vs_full medians of the per-round "
+            "ratios to full fine-tuning; "
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
         ]
         if args.override:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+from scpeft_cli.backbones.dropout import Dropout, activation_dropout
 
 
 class SelfAttention(nn.Module):
@@ -62,12 +62,11 @@ class TransformerLayer(nn.Module):
         self.self_attn = SelfAttention(d_model, n_heads, dropout=attention_dropout)
         self.linear1 = nn.Linear(d_model, d_ff)
         self.linear2 = nn.Linear(d_ff, d_model)
-        self.activation = ACTIVATIONS[activation]()
+        self.activation_dropout = activation_dropout(activation, dropout)
         self.norm1 = nn.LayerNorm(d_model, eps=eps)
         self.norm2 = nn.LayerNorm(d_model, eps=eps)
-        self.dropout = nn.Dropout(dropout)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.scpeft_attn_adapter: nn.Module = nn.Identity()
         self.scpeft_ffn_adapter: nn.Module | None = None
 
@@ -75,7 +74,7 @@ class TransformerLayer(nn.Module):
         return self.dropout1(self.self_attn(x, padding_mask))
 
     def _feed_forward_block(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+        return self.dropout2(self.linear2(self.activation_dropout(self.linear1(x))))
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.norm_first:

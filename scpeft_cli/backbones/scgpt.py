@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from scpeft_cli.backbones.dropout import Dropout
 from scpeft_cli.backbones.layers import PromptHook, TransformerLayer, run_layers
 
 
@@ -54,7 +55,7 @@ class ContinuousValueEncoder(nn.Module):
         self.activation = nn.ReLU()
         self.linear2 = nn.Linear(d_model, d_model)
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.scpeft_adapter: nn.Module = nn.Identity()
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:

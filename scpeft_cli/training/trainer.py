@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from scpeft_cli.console import console, info
 from scpeft_cli.errors import UserError
 from scpeft_cli.peft.model import PeftModel
+from scpeft_cli.training import host_memory
 from scpeft_cli.training.checkpoint import (
     TrainingState,
     load_checkpoint,
@@ -75,6 +76,7 @@ class Trainer:
         num_workers: int,
         group_by_length: bool = False,
         grad_checkpointing: bool = False,
+        return_freed_memory: bool = False,
     ):
         if monitor not in MONITORS:
             raise UserError(f"trainer.monitor={monitor} is not one of {', '.join(MONITORS)}")
@@ -97,6 +99,7 @@ class Trainer:
         self.num_workers = num_workers
         self.group_by_length = group_by_length
         self.grad_checkpointing = grad_checkpointing
+        self.return_freed_memory = return_freed_memory
 
     @property
     def device(self) -> torch.device:
@@ -140,6 +143,8 @@ class Trainer:
         """
         model.to(self.device)
         model.backbone.gradient_checkpointing = self.grad_checkpointing
+        if self.return_freed_memory:
+            host_memory.return_freed_memory()
         trainable = [p for p in model.parameters() if p.requires_grad]
         step_model = model
         if self.group.enabled:  # only parameters that require grad are registered, so only they sync
