@@ -60,7 +60,12 @@ STRATEGIES = {
     "prefix": ["peft=prefix"],
     "lora": ["peft=lora"],
     "hf_lora": ["peft=hf", "peft.method=lora"],
+    # not in the default set: the prompts with their first layers recomputed in the backward pass
+    "token_prompt_ckpt2": ["peft=token_prompt", "trainer.grad_checkpointing=2"],
+    "encoder_prompt_ckpt2": ["peft=encoder_prompt", "trainer.grad_checkpointing=2"],
+    "encoder_prompt_ckpt3": ["peft=encoder_prompt", "trainer.grad_checkpointing=3"],
 }
+DEFAULT_STRATEGIES = [name for name in STRATEGIES if "_ckpt" not in name]
 
 COLUMNS = [
     "strategy",
@@ -163,12 +168,12 @@ def worker(spec: dict) -> dict:
     with contextlib.redirect_stdout(io.StringIO()):  # the "randomly initialised" warning, once per worker
         parts = assemble(cfg, n_classes=int(cfg.task.n_classes), genes=genes)
     model = parts.model.to(device)
-    checkpointing = spec["grad_checkpointing"] or bool(cfg.get("trainer", {}).get("grad_checkpointing", False))
-    if checkpointing:  # what the trainer does for trainer.grad_checkpointing=true
+    trainer_cfg = cfg.get("trainer", {})
+    checkpointing = True if spec["grad_checkpointing"] else trainer_cfg.get("grad_checkpointing", False)
+    if checkpointing:  # what the trainer does for trainer.grad_checkpointing=true / N layers
         if not hasattr(model.backbone, "gradient_checkpointing"):
             raise SystemExit("--grad-checkpointing: this backbone has no `gradient_checkpointing` switch")
-        model.backbone.gradient_checkpointing = True
-    trainer_cfg = cfg.get("trainer", {})
+        model.backbone.gradient_checkpointing = checkpointing
     freed_memory_returned = bool(trainer_cfg.get("return_freed_memory", False)) and return_freed_memory()
     sync()
     build_s = time.perf_counter() - started
@@ -294,7 +299,7 @@ def main(argv=None) -> int:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", nargs="+", default=["whole", "small"], choices=list(SIZES))
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    parser.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES, choices=list(STRATEGIES))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=701, help="tokens per cell including <cls>")
     parser.add_argument("--warmup", type=int, default=None, help="unmeasured first steps (default: whole 1, small 3)")

@@ -5,7 +5,6 @@ import pytest
 import scipy.sparse as sp
 
 from scpeft_cli.errors import UserError
-from scpeft_cli.tokenizers import kernels
 from scpeft_cli.tokenizers.scgpt import ScGPTTokenizer, quantile_bins
 from scpeft_cli.tokenizers.vocab import CLS_TOKEN, PAD_TOKEN, GeneVocab
 
@@ -124,14 +123,43 @@ def test_long_cells_are_subsampled_keeping_cls_and_seeded():
         assert all(full_bins[g] == v for g, v in zip(ids.tolist(), values.tolist(), strict=True))
 
 
-def test_subsampling_keeps_each_entry_with_equal_probability():
-    n_cells, length, keep_per_cell = 20_000, 10, 3
-    indptr = np.arange(n_cells + 1) * length
-    keep = kernels.keep_random_subset(indptr, np.random.default_rng(0).random(n_cells * length), keep_per_cell)
-    per_cell = keep.reshape(n_cells, length)
-    assert np.all(per_cell.sum(axis=1) == keep_per_cell)
-    # each position is kept with probability 3/10; 4 standard errors is 0.013
-    np.testing.assert_allclose(per_cell.mean(axis=0), keep_per_cell / length, atol=0.013)
+def test_subsampling_keeps_each_gene_with_equal_probability():
+    n_cells, n_genes, keep_per_cell = 20_000, 10, 3
+    X = sp.csr_matrix(np.ones((n_cells, n_genes)))
+    genes = [f"G{i}" for i in range(n_genes)]
+    tokenizer = make_tokenizer(genes, max_seq_len=keep_per_cell + 1)
+    tokens = tokenizer.tokenize(X, genes, seed=0)
+    assert np.all(tokens.lengths == keep_per_cell + 1)
+    per_cell = tokens.gene_ids.reshape(n_cells, keep_per_cell + 1)[:, 1:]
+    assert all(len(set(row)) == keep_per_cell for row in per_cell[:100].tolist())  # without replacement
+    share = np.bincount(per_cell.ravel(), minlength=tokenizer.vocab.cls_id + n_genes + 5) / n_cells
+    gene_share = share[[tokenizer.vocab.token_to_id[g] for g in genes]]
+    # each gene is kept with probability 3/10; 4 standard errors is 0.013
+    np.testing.assert_allclose(gene_share, keep_per_cell / n_genes, atol=0.013)
+
+
+def test_explicit_zeros_unsorted_indices_and_integer_counts_tokenize_like_a_clean_matrix():
+    clean = random_counts()
+    genes = [f"G{i}" for i in range(clean.shape[1])]
+    tokenizer = make_tokenizer(genes)
+    messy = clean.copy()
+    messy.data[::7] = 0  # explicit zeros
+    expected = sp.csr_matrix(messy.toarray())
+    shuffled = sp.csr_matrix(  # the same matrix with each row's entries stored in reverse column order
+        (np.concatenate([messy.data[a:b][::-1] for a, b in zip(messy.indptr[:-1], messy.indptr[1:], strict=True)]),
+         np.concatenate([messy.indices[a:b][::-1] for a, b in zip(messy.indptr[:-1], messy.indptr[1:], strict=True)]),
+         messy.indptr),
+        shape=messy.shape,
+    )
+    shuffled.has_sorted_indices = False
+    stored_order = shuffled.indices.copy()
+    a, b = tokenizer.tokenize(shuffled, genes, seed=4), tokenizer.tokenize(expected, genes, seed=4)
+    for field in ("indptr", "gene_ids", "values"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    counts = sp.csr_matrix(np.round(np.expm1(clean.toarray())).astype(np.int32))
+    c, d = tokenizer.tokenize(counts, genes, seed=4), tokenizer.tokenize(counts.astype(np.float64), genes, seed=4)
+    np.testing.assert_array_equal(c.values, d.values)
+    assert np.array_equal(shuffled.indices, stored_order)  # the caller's matrix is not modified
 
 
 def test_collate_pads_right_with_pad_token_and_value():

@@ -104,17 +104,19 @@ def run_layers(
     padding_mask: torch.Tensor,
     prompts: PromptHook | None = None,
     *,
-    checkpointing: bool = False,
+    checkpointing: bool | int = False,
 ) -> torch.Tensor:
     """The layer stack, with the prompt hook (if any) around each layer.
 
-    `checkpointing` (training only) keeps no activations inside a layer and recomputes them in the
-    backward pass: less memory for about one more forward pass of time.
+    `checkpointing` (training only): True for every layer, or the number of layers from the first,
+    that keep no activations inside and recompute them in the backward pass: less memory for about
+    one more forward pass of those layers. Dropout masks are the same in the recomputation.
     """
+    recomputed = len(layers) if checkpointing is True else int(checkpointing)
     for index, layer in enumerate(layers):
         if prompts is not None:
             x, padding_mask = prompts.before_layer(index, x, padding_mask)
-        if checkpointing and torch.is_grad_enabled():
+        if index < recomputed and torch.is_grad_enabled():
             x = checkpoint(layer, x, padding_mask, use_reentrant=False)
         else:
             x = layer(x, padding_mask)

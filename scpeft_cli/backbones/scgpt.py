@@ -87,7 +87,7 @@ class ScGPT(nn.Module):
             for _ in range(arch.n_layers)
         )
         self.scpeft_prompts: PromptHook | None = None
-        self.gradient_checkpointing = False  # set by the trainer (trainer.grad_checkpointing)
+        self.gradient_checkpointing: bool | int = False  # set by the trainer (trainer.grad_checkpointing)
 
     @property
     def token_embedding_adapter_owner(self) -> nn.Module:
@@ -100,7 +100,7 @@ class ScGPT(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return run_layers(
             self.layers, self.embed(batch), batch["padding_mask"], self.scpeft_prompts,
-            checkpointing=self.gradient_checkpointing and self.training,
+            checkpointing=self.gradient_checkpointing if self.training else False,
         )
 
     def cell_embedding(self, states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:

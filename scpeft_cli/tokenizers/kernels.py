@@ -3,6 +3,9 @@
 numba (a scanpy dependency) compiles these once per data type and caches the machine code on disk,
 so a run pays the compilation only the first time. Random numbers come from the caller, drawn with
 numpy's generator, so the results do not depend on the number of threads.
+
+`sort_keys` arguments are the values themselves or, for non-negative data, their bits read as signed
+integers, which sort in the same order and faster.
 """
 
 from __future__ import annotations
@@ -11,89 +14,120 @@ import numpy as np
 from numba import njit, prange
 
 
-@njit(parallel=True, cache=True)
-def quantile_bin_codes(indptr, data, sort_keys, quantiles, uniforms):  # pragma: no cover - compiled
-    """Bin code of every stored value: upstream scGPT's per-cell `np.quantile` edges and two-sided
-    `np.digitize`, a value between its left and right digitisation placed by `uniforms`.
+@njit(cache=True)
+def _cell_codes(values, ordered, quantiles, uniforms, codes):
+    """One cell's bin codes (into `codes`): upstream scGPT's `np.quantile` edges of the cell's values at
+    `quantiles` and two-sided `np.digitize`, a value between its left and right digitisation placed by
+    `uniforms`. `ordered` holds the same values sorted.
 
-    Edges are computed with numpy's linear-interpolation formula (differences in the data's type,
-    interpolation in float64) and kept in float64, so they are the very floats `np.quantile` returns. `sort_keys` is `data` itself or, for
-    non-negative data, its bits read as signed integers, which sort in the same order and faster.
+    Edges follow numpy's linear-interpolation formula (differences in the data's type, interpolation in
+    float64) and stay float64, so they are the very floats `np.quantile` returns.
     """
-    codes = np.empty(len(data), dtype=np.int64)
     n_edges = len(quantiles)
-    padded_edges = 1
-    while padded_edges <= n_edges:
-        padded_edges <<= 1
+    padded = 1
+    while padded <= n_edges:
+        padded <<= 1
+    edges = np.full(padded, np.inf)
+    last = len(ordered) - 1
+    for k in range(n_edges):
+        virtual = last * quantiles[k]
+        lower = np.int64(np.floor(virtual))
+        upper = min(lower + 1, last)
+        gamma = virtual - lower
+        low, high = ordered[lower], ordered[upper]
+        diff = high - low
+        if gamma >= 0.5:
+            edges[k] = high - diff * (1.0 - gamma)
+        else:
+            edges[k] = low + diff * gamma
+    for j in range(len(values)):
+        x = values[j]
+        # np.digitize(x, edges) = #edges <= x and np.digitize(x, edges, right=True) = #edges < x, by a
+        # branch-free binary search over the edges padded with +inf to a power of two.
+        left = right = 0
+        step = padded >> 1
+        while step > 0:
+            left += step * (edges[left + step - 1] <= x)
+            right += step * (edges[right + step - 1] < x)
+            step >>= 1
+        codes[j] = np.ceil(uniforms[j] * (right - left) + left)
+
+
+@njit(cache=True)
+def _random_subset(n, keep, uniforms):
+    """Which of n entries to keep: `keep` of them uniformly without replacement (partial Fisher-Yates)."""
+    order = np.arange(n)
+    for i in range(keep):
+        pick = i + min(np.int64(uniforms[i] * (n - i)), n - i - 1)
+        order[i], order[pick] = order[pick], order[i]
+    kept = np.zeros(n, dtype=np.bool_)
+    kept[order[:keep]] = True
+    return kept
+
+
+@njit(parallel=True, cache=True)
+def quantile_bin_codes(indptr, data, sort_keys, quantiles, uniforms):
+    """Bin code of every stored value of a CSR matrix (`_cell_codes` per cell), aligned with `data`."""
+    codes = np.empty(len(data), dtype=np.int64)
     for cell in prange(len(indptr) - 1):
         start, stop = indptr[cell], indptr[cell + 1]
-        if stop == start:
-            continue
-        ordered = np.sort(sort_keys[start:stop]).view(data.dtype)
-        last = stop - start - 1
-        edges = np.full(padded_edges, np.inf, dtype=np.float64)
-        for k in range(n_edges):
-            virtual = last * quantiles[k]
-            lower = np.int64(np.floor(virtual))
-            upper = min(lower + 1, last)
-            gamma = virtual - lower
-            low, high = ordered[lower], ordered[upper]
-            diff = high - low
-            if gamma >= 0.5:
-                edges[k] = high - diff * (1.0 - gamma)
-            else:
-                edges[k] = low + diff * gamma
-        for j in range(start, stop):
-            x = data[j]
-            # np.digitize(x, edges) = #edges <= x and np.digitize(x, edges, right=True) = #edges < x, by
-            # branch-free binary search over the edges padded with +inf to a power of two.
-            left = right = 0
-            step = padded_edges >> 1
-            while step > 0:
-                left += step * (edges[left + step - 1] <= x)
-                right += step * (edges[right + step - 1] < x)
-                step >>= 1
-            codes[j] = np.int64(np.ceil(uniforms[j] * (right - left) + left))
+        if stop > start:
+            ordered = np.sort(sort_keys[start:stop]).view(data.dtype)
+            _cell_codes(data[start:stop], ordered, quantiles, uniforms[start:stop], codes[start:stop])
     return codes
 
 
 @njit(parallel=True, cache=True)
-def keep_random_subset(indptr, uniforms, keep_per_cell):  # pragma: no cover - compiled
-    """Mask over stored entries keeping `keep_per_cell` entries, uniformly without replacement, of each
-    cell longer than that: a partial Fisher-Yates shuffle driven by the cell's own slice of `uniforms`."""
-    keep = np.ones(len(uniforms), dtype=np.bool_)
+def kept_per_cell(indptr, indices, data, column_token):
+    """Per cell, its stored entries that are non-zero and in a vocabulary column (`column_token` >= 0)."""
+    counts = np.zeros(len(indptr) - 1, dtype=np.int64)
     for cell in prange(len(indptr) - 1):
-        start, stop = indptr[cell], indptr[cell + 1]
-        n = stop - start
-        if n <= keep_per_cell:
-            continue
-        order = np.arange(n)
-        for i in range(keep_per_cell):
-            pick = i + min(np.int64(uniforms[start + i] * (n - i)), n - i - 1)
-            order[i], order[pick] = order[pick], order[i]
-        keep[start:stop] = False
-        for i in range(keep_per_cell):
-            keep[start + order[i]] = True
-    return keep
+        for j in range(indptr[cell], indptr[cell + 1]):
+            if data[j] != 0 and column_token[indices[j]] >= 0:
+                counts[cell] += 1
+    return counts
 
 
 @njit(parallel=True, cache=True)
-def assemble_tokens(indptr, indices, codes, keep, token_ids, cls_id, cls_value):  # pragma: no cover - compiled
-    """Ragged (indptr, gene ids, values): per cell `<cls>` then its kept entries in stored order."""
-    n_cells = len(indptr) - 1
-    out_indptr = np.zeros(n_cells + 1, dtype=np.int64)
-    for cell in prange(n_cells):
-        out_indptr[cell + 1] = 1 + np.sum(keep[indptr[cell] : indptr[cell + 1]])
-    out_indptr = np.cumsum(out_indptr)
+def tokenize_cells(
+    indptr, indices, data, sort_keys, column_token, kept_indptr, out_indptr,
+    quantiles, bin_uniforms, keep_uniforms, keep_per_cell, cls_id, cls_value,
+):  # fmt: skip
+    """Ragged tokens (gene ids, values) in one pass over the matrix: per cell `<cls>`, then its kept
+    entries in column order with their bin codes, `keep_per_cell` of them at random where it has more.
+
+    Cell i's kept entries own `bin_uniforms[kept_indptr[i]:kept_indptr[i+1]]` (and `keep_uniforms`,
+    drawn only when some cell is subsampled); its tokens go to `out_indptr[i]:out_indptr[i+1]`.
+    """
     gene_ids = np.empty(out_indptr[-1], dtype=np.int64)
     values = np.empty(out_indptr[-1], dtype=np.float32)
-    for cell in prange(n_cells):
+    for cell in prange(len(indptr) - 1):
+        first, n = kept_indptr[cell], kept_indptr[cell + 1] - kept_indptr[cell]
         slot = out_indptr[cell]
         gene_ids[slot] = cls_id
         values[slot] = cls_value
+        if n == 0:
+            continue
+        cell_values = np.empty(n, dtype=data.dtype)
+        cell_keys = np.empty(n, dtype=sort_keys.dtype)
+        cell_tokens = np.empty(n, dtype=np.int64)
+        k = 0
         for j in range(indptr[cell], indptr[cell + 1]):
-            if keep[j]:
+            token = column_token[indices[j]]
+            if data[j] != 0 and token >= 0:
+                cell_values[k], cell_keys[k], cell_tokens[k] = data[j], sort_keys[j], token
+                k += 1
+        codes = np.empty(n, dtype=np.float32)
+        ordered = np.sort(cell_keys).view(data.dtype)
+        _cell_codes(cell_values, ordered, quantiles, bin_uniforms[first : first + n], codes)
+        if n <= keep_per_cell:
+            gene_ids[slot + 1 : slot + 1 + n] = cell_tokens
+            values[slot + 1 : slot + 1 + n] = codes
+            continue
+        kept = _random_subset(n, keep_per_cell, keep_uniforms[first : first + n])
+        for i in range(n):
+            if kept[i]:
                 slot += 1
-                gene_ids[slot] = token_ids[indices[j]]
-                values[slot] = codes[j]
-    return out_indptr, gene_ids, values
+                gene_ids[slot] = cell_tokens[i]
+                values[slot] = codes[i]
+    return gene_ids, values

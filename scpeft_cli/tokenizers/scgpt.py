@@ -39,25 +39,30 @@ class TokenizedCells:
         return self.gene_ids[start:stop], self.values[start:stop]
 
 
+def _float_values(data: np.ndarray) -> np.ndarray:
+    return data if data.dtype in (np.float32, np.float64) else data.astype(np.float64)
+
+
+def _sort_keys(data: np.ndarray) -> np.ndarray:
+    """The values' bits as signed integers where all are non-negative (same order, faster sort), else the values."""
+    if data.size and data.min() < 0:
+        return data
+    return data.view(np.int32 if data.dtype == np.float32 else np.int64)
+
+
+def _quantiles(n_bins: int) -> np.ndarray:
+    return np.linspace(0, 1, n_bins - 1)
+
+
 def quantile_bins(X: sp.csr_matrix, n_bins: int, rng: np.random.Generator) -> np.ndarray:
-    """Bin codes 1..n_bins-1 for every stored value of X, aligned with `X.data`.
+    """Bin codes 1..n_bins-1 for every stored value of X (no explicit zeros), aligned with `X.data`.
 
     Per cell: edges are the quantiles of its non-zero values at linspace(0, 1, n_bins - 1) (numpy's
     linear method); a value between the left and right digitisation of equal edges is placed at random,
     as upstream scGPT does, with the given generator so the result is reproducible.
     """
-    data = X.data if X.data.dtype in (np.float32, np.float64) else X.data.astype(np.float64)
-    non_negative = data.size == 0 or data.min() >= 0  # then IEEE bits order as signed integers
-    sort_keys = data.view(np.int32 if data.dtype == np.float32 else np.int64) if non_negative else data
-    quantiles = np.linspace(0, 1, n_bins - 1)
-    return kernels.quantile_bin_codes(X.indptr, data, sort_keys, quantiles, rng.random(X.nnz))
-
-
-def _subsample_mask(X: sp.csr_matrix, keep_per_cell: int, rng: np.random.Generator) -> np.ndarray:
-    """Boolean mask over X's stored entries keeping at most `keep_per_cell` random entries of each cell."""
-    if np.diff(X.indptr).max(initial=0) <= keep_per_cell:
-        return np.ones(X.nnz, dtype=bool)
-    return kernels.keep_random_subset(X.indptr, rng.random(X.nnz), keep_per_cell)
+    data = _float_values(X.data)
+    return kernels.quantile_bin_codes(X.indptr, data, _sort_keys(data), _quantiles(n_bins), rng.random(X.nnz))
 
 
 @dataclass(frozen=True)
@@ -72,17 +77,28 @@ class ScGPTTokenizer:
 
     def tokenize(self, X: sp.spmatrix, genes: Sequence[str], *, seed: int) -> TokenizedCells:
         columns, token_ids = self.vocab.map_genes(list(genes))
-        X = sp.csr_matrix(X[:, columns])  # the data's own float type, as upstream bins it
-        X.eliminate_zeros()
-        X.sort_indices()
-        rng = np.random.default_rng(seed)
-        codes = quantile_bins(X, self.n_bins, rng)
-        keep = _subsample_mask(X, self.max_seq_len - 1, rng)
+        X = sp.csr_matrix(X)  # a CSR matrix is used as it is, not copied
+        if not X.has_sorted_indices:
+            X = X.sorted_indices()
+        data = _float_values(X.data)  # the data's own float type, as upstream bins it
+        column_token = np.full(X.shape[1], -1, dtype=np.int64)
+        column_token[columns] = token_ids
+        lengths = kernels.kept_per_cell(X.indptr, X.indices, data, column_token)
+        kept_indptr = np.concatenate([[0], np.cumsum(lengths)])
+        keep_per_cell = self.max_seq_len - 1
+        out_indptr = np.concatenate([[0], np.cumsum(1 + np.minimum(lengths, keep_per_cell))])
 
-        indptr, gene_ids, values = kernels.assemble_tokens(
-            X.indptr, X.indices, codes, keep, token_ids, self.vocab.cls_id, self.cls_value
+        rng = np.random.default_rng(seed)
+        bin_uniforms = rng.random(kept_indptr[-1])
+        subsampled = lengths.max(initial=0) > keep_per_cell
+        keep_uniforms = rng.random(kept_indptr[-1]) if subsampled else np.empty(0)
+        gene_ids, values = kernels.tokenize_cells(
+            X.indptr, X.indices, data, _sort_keys(data), column_token, kept_indptr, out_indptr,
+            _quantiles(self.n_bins), bin_uniforms, keep_uniforms, keep_per_cell, self.vocab.cls_id, self.cls_value,
+        )  # fmt: skip
+        return TokenizedCells(
+            indptr=out_indptr, gene_ids=gene_ids, values=values, genes_matched=len(columns), genes_total=len(genes)
         )
-        return TokenizedCells(indptr=indptr, gene_ids=gene_ids, values=values, genes_matched=len(columns), genes_total=len(genes))
 
     def collate(self, cells: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
         """Right-pad a batch to its longest cell with `<pad>` / pad_value; mask is True at padding."""

@@ -75,13 +75,17 @@ class Trainer:
         balanced_sampler: bool,
         num_workers: int,
         group_by_length: bool = False,
-        grad_checkpointing: bool = False,
+        grad_checkpointing: bool | int = False,
         return_freed_memory: bool = False,
     ):
         if monitor not in MONITORS:
             raise UserError(f"trainer.monitor={monitor} is not one of {', '.join(MONITORS)}")
         if lr <= 0:
             raise UserError(f"trainer.lr must be positive, got {lr}")
+        if not isinstance(grad_checkpointing, bool | int) or grad_checkpointing < 0:
+            raise UserError(
+                f"trainer.grad_checkpointing={grad_checkpointing!r}: use true (every layer), false, or a number of layers"
+            )
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.lr = lr
