@@ -12,47 +12,46 @@ import torch
 from torch import nn
 
 
-class _MaskedDropout(torch.autograd.Function):
-    """x * keep / (1 - p), optionally after ReLU; the backward needs only where that is non-zero, one
-    bool per element. The mask comes from `rand < 1 - p`: on CPU 2.5x faster than `bernoulli_`."""
+class Dropout(nn.Dropout):
+    """`nn.Dropout` through `torch.native_dropout`, whose backward keeps a bool mask (float32 on CPU otherwise)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.p == 1:
+            return torch.zeros_like(x)
+        return torch.native_dropout(x, self.p, True)[0]
+
+
+class _ReluDropoutFunction(torch.autograd.Function):
+    """relu(x) * keep / (1 - p); the backward needs only where that is non-zero, one bool per element."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float, relu: bool) -> torch.Tensor:
-        passed = torch.rand(x.shape, device=x.device) >= p
-        if relu:
-            passed &= x > 0
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        passed = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+        passed &= x > 0
         ctx.scale = 1 / (1 - p)
         ctx.save_for_backward(passed)
         return torch.where(passed, x * ctx.scale, 0)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (passed,) = ctx.saved_tensors
-        return torch.where(passed, grad * ctx.scale, 0), None, None
+        return torch.where(passed, grad * ctx.scale, 0), None
 
 
-class Dropout(nn.Dropout):
-    """`nn.Dropout` keeping a bool mask for backward (float32 on CPU otherwise); exact no-op in eval mode."""
-
-    relu = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return torch.relu(x) if self.relu else x
-        if self.p == 1:
-            return torch.zeros_like(x)
-        if x.device.type == "cuda" and not self.relu:
-            return torch.native_dropout(x, self.p, True)[0]  # one fused kernel, bool mask
-        return _MaskedDropout.apply(x, self.p, self.relu)
-
-
-class ReluDropout(Dropout):
+class ReluDropout(nn.Dropout):
     """`Dropout(p)(relu(x))` storing one bool mask for the backward pass instead of two float32 tensors.
 
     A `nn.Dropout` subclass, so code that sets every dropout's `p` reaches this one too.
     """
 
-    relu = True
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return torch.relu(x)
+        if self.p == 1:
+            return torch.zeros_like(x)
+        return _ReluDropoutFunction.apply(x, self.p)
 
 
 def activation_dropout(activation: str, p: float) -> nn.Module:
