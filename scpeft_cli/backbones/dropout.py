@@ -17,9 +17,15 @@ class Dropout(nn.Dropout):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
-            return x
+            return self._without_dropout(x)
         if self.p == 1:
             return torch.zeros_like(x)
+        return self._with_dropout(x)
+
+    def _without_dropout(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def _with_dropout(self, x: torch.Tensor) -> torch.Tensor:
         return torch.native_dropout(x, self.p, True)[0]
 
 
@@ -40,17 +46,16 @@ class _ReluDropoutFunction(torch.autograd.Function):
         return torch.where(passed, grad * ctx.scale, 0), None
 
 
-class ReluDropout(nn.Dropout):
+class ReluDropout(Dropout):
     """`Dropout(p)(relu(x))` storing one bool mask for the backward pass instead of two float32 tensors.
 
     A `nn.Dropout` subclass, so code that sets every dropout's `p` reaches this one too.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return torch.relu(x)
-        if self.p == 1:
-            return torch.zeros_like(x)
+    def _without_dropout(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x)
+
+    def _with_dropout(self, x: torch.Tensor) -> torch.Tensor:
         return _ReluDropoutFunction.apply(x, self.p)
 
 
