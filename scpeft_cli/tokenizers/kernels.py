@@ -66,18 +66,6 @@ def _random_subset(n, keep, uniforms):
 
 
 @njit(parallel=True, cache=True)
-def quantile_bin_codes(indptr, data, sort_keys, quantiles, uniforms):
-    """Bin code of every stored value of a CSR matrix (`_cell_codes` per cell), aligned with `data`."""
-    codes = np.empty(len(data), dtype=np.int64)
-    for cell in prange(len(indptr) - 1):
-        start, stop = indptr[cell], indptr[cell + 1]
-        if stop > start:
-            ordered = np.sort(sort_keys[start:stop]).view(data.dtype)
-            _cell_codes(data[start:stop], ordered, quantiles, uniforms[start:stop], codes[start:stop])
-    return codes
-
-
-@njit(parallel=True, cache=True)
 def kept_per_cell(indptr, indices, data, column_token):
     """Per cell, its stored entries that are non-zero and in a vocabulary column (`column_token` >= 0)."""
     counts = np.zeros(len(indptr) - 1, dtype=np.int64)

@@ -39,30 +39,11 @@ class TokenizedCells:
         return self.gene_ids[start:stop], self.values[start:stop]
 
 
-def _float_values(data: np.ndarray) -> np.ndarray:
-    return data if data.dtype in (np.float32, np.float64) else data.astype(np.float64)
-
-
 def _sort_keys(data: np.ndarray) -> np.ndarray:
     """The values' bits as signed integers where all are non-negative (same order, faster sort), else the values."""
     if data.size and data.min() < 0:
         return data
     return data.view(np.int32 if data.dtype == np.float32 else np.int64)
-
-
-def _quantiles(n_bins: int) -> np.ndarray:
-    return np.linspace(0, 1, n_bins - 1)
-
-
-def quantile_bins(X: sp.csr_matrix, n_bins: int, rng: np.random.Generator) -> np.ndarray:
-    """Bin codes 1..n_bins-1 for every stored value of X (no explicit zeros), aligned with `X.data`.
-
-    Per cell: edges are the quantiles of its non-zero values at linspace(0, 1, n_bins - 1) (numpy's
-    linear method); a value between the left and right digitisation of equal edges is placed at random,
-    as upstream scGPT does, with the given generator so the result is reproducible.
-    """
-    data = _float_values(X.data)
-    return kernels.quantile_bin_codes(X.indptr, data, _sort_keys(data), _quantiles(n_bins), rng.random(X.nnz))
 
 
 @dataclass(frozen=True)
@@ -80,7 +61,9 @@ class ScGPTTokenizer:
         X = sp.csr_matrix(X)  # a CSR matrix is used as it is, not copied
         if not X.has_sorted_indices:
             X = X.sorted_indices()
-        data = _float_values(X.data)  # the data's own float type, as upstream bins it
+        data = X.data  # the data's own float type, as upstream bins it
+        if data.dtype not in (np.float32, np.float64):
+            data = data.astype(np.float64)
         column_token = np.full(X.shape[1], -1, dtype=np.int64)
         column_token[columns] = token_ids
         lengths = kernels.kept_per_cell(X.indptr, X.indices, data, column_token)
@@ -94,7 +77,7 @@ class ScGPTTokenizer:
         keep_uniforms = rng.random(kept_indptr[-1]) if subsampled else np.empty(0)
         gene_ids, values = kernels.tokenize_cells(
             X.indptr, X.indices, data, _sort_keys(data), column_token, kept_indptr, out_indptr,
-            _quantiles(self.n_bins), bin_uniforms, keep_uniforms, keep_per_cell, self.vocab.cls_id, self.cls_value,
+            np.linspace(0, 1, self.n_bins - 1), bin_uniforms, keep_uniforms, keep_per_cell, self.vocab.cls_id, self.cls_value,
         )  # fmt: skip
         return TokenizedCells(
             indptr=out_indptr, gene_ids=gene_ids, values=values, genes_matched=len(columns), genes_total=len(genes)
