@@ -52,10 +52,7 @@ def saved_by_module(model, batch) -> tuple[dict[str, float], dict[str, str], flo
     handles = [m.register_forward_pre_hook(pre) for m in names] + [m.register_forward_hook(post) for m in names]
 
     def pack(t: torch.Tensor):
-        try:
-            ptr, nbytes = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
-        except (RuntimeError, NotImplementedError):
-            return t
+        ptr, nbytes = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
         if ptr in params or ptr in seen or nbytes == 0:
             return t
         seen.add(ptr)

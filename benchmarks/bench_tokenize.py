@@ -5,7 +5,7 @@
 
 Input: synthetic counts, `--cells` x `--genes` at `--density` non-zero (seeded), log1p, CSR float64.
 
-- ours: `ScGPTTokenizer.tokenize(X, genes, seed=...)` (quantile bins of every cell at once, `<cls>`
+- ours: `ScGPTTokenizer.tokenize(X, genes, seed=...)` (one compiled pass per cell, cells in parallel: `<cls>`
   first, seeded subsampling above max_seq_len, ragged output); also timed with `collate` over all
   cells in batches of `--batch` (padding to each batch's longest cell), which a training run adds;
 - reference: upstream scGPT's `Preprocessor` binning (dense matrix; per cell `np.quantile` edges of the

@@ -2,7 +2,7 @@
 
 glibc serves allocations of up to 32 MB from its heap once it has seen large blocks freed, and a
 heap region stays with the process after its tensors are gone: the peak RSS of a training step was
-0.8-1.9 GB above its live tensors at whole-human scGPT size (benchmarks/README.md). With a fixed mmap
+1.0-1.5 GB above its live tensors at whole-human scGPT size (benchmarks/README.md). With a fixed mmap
 threshold every large tensor is its own mapping, returned when freed, so the RSS follows the live
 tensors. Equivalent to starting Python with `MALLOC_MMAP_THRESHOLD_=<bytes>`.
 """
