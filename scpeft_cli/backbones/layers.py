@@ -12,12 +12,15 @@ Insertion points for PEFT strategies (empty by default, so a plain layer compute
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from scpeft_cli.backbones.dropout import Dropout, activation_dropout
+from scpeft_cli.backbones.recompute import RecomputedProjection, recomputable
 
 
 class SelfAttention(nn.Module):
@@ -32,13 +35,23 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, *, keep_qkv: bool = False
+    ) -> torch.Tensor:
+        """`keep_qkv`: let autograd keep q, k, v even when the projection is frozen and could recompute them."""
         batch, length, d_model = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x)
+        q, k, v = qkv.view(batch, length, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
         attn_mask = None if padding_mask is None else ~padding_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        saving = (
+            contextlib.nullcontext()
+            if keep_qkv or not recomputable(self.qkv, x)
+            else RecomputedProjection(self.qkv, x, qkv).hooks()
         )
+        with saving:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+            )
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, d_model))
 
 
@@ -70,18 +83,21 @@ class TransformerLayer(nn.Module):
         self.scpeft_attn_adapter: nn.Module = nn.Identity()
         self.scpeft_ffn_adapter: nn.Module | None = None
 
-    def _attention_block(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
-        return self.dropout1(self.self_attn(x, padding_mask))
+    def _attention_block(self, x: torch.Tensor, padding_mask: torch.Tensor | None, keep_qkv: bool) -> torch.Tensor:
+        return self.dropout1(self.self_attn(x, padding_mask, keep_qkv=keep_qkv))
 
     def _feed_forward_block(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout2(self.linear2(self.activation_dropout(self.linear1(x))))
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, *, checkpointed: bool = False
+    ) -> torch.Tensor:
+        """`checkpointed`: the whole layer is recomputed in the backward pass, so attention keeps nothing extra."""
         if self.norm_first:
-            x = self.scpeft_attn_adapter(x + self._attention_block(self.norm1(x), padding_mask))
+            x = self.scpeft_attn_adapter(x + self._attention_block(self.norm1(x), padding_mask, checkpointed))
             out = x + self._feed_forward_block(self.norm2(x))
         else:
-            x = self.scpeft_attn_adapter(self.norm1(x + self._attention_block(x, padding_mask)))
+            x = self.scpeft_attn_adapter(self.norm1(x + self._attention_block(x, padding_mask, checkpointed)))
             out = self.norm2(x + self._feed_forward_block(x))
         if self.scpeft_ffn_adapter is not None:
             out = out + self.scpeft_ffn_adapter(x)
@@ -117,7 +133,7 @@ def run_layers(
         if prompts is not None:
             x, padding_mask = prompts.before_layer(index, x, padding_mask)
         if index < recomputed and torch.is_grad_enabled():
-            x = checkpoint(layer, x, padding_mask, use_reentrant=False)
+            x = checkpoint(layer, x, padding_mask, checkpointed=True, use_reentrant=False)
         else:
             x = layer(x, padding_mask)
     if prompts is not None:

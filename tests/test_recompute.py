@@ -1,0 +1,118 @@
+"""Attention behind a frozen QKV projection keeps the projection's input, not q/k/v, for backward."""
+
+import pytest
+import torch
+from torch import nn
+
+from scpeft_cli.backbones.layers import TransformerLayer, run_layers
+from scpeft_cli.backbones.recompute import RecomputedProjection, recomputable
+from scpeft_cli.peft.lora import LoRALinear
+from scpeft_cli.training.resources import LiveTensorMemory
+
+BATCH, LENGTH, D_MODEL = 3, 9, 16
+
+
+def frozen_layer(**options) -> TransformerLayer:
+    torch.manual_seed(0)
+    layer = TransformerLayer(D_MODEL, 4, 32, dropout=0.2, **options).train()
+    layer.requires_grad_(False)
+    return layer
+
+
+def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(BATCH, LENGTH, D_MODEL, generator=torch.Generator().manual_seed(1))
+    padding_mask = torch.zeros(BATCH, LENGTH, dtype=torch.bool)
+    padding_mask[1, 6:] = True
+    return x, padding_mask
+
+
+def output_and_input_grad(layer, *, keep_qkv: bool, autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    x, padding_mask = inputs()
+    x.requires_grad_(True)
+    torch.manual_seed(2)  # the same dropout masks in every run
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        # `checkpointed=True` is the layer's switch for "keep q/k/v" (checkpointing recomputes them anyway)
+        out = layer(x, padding_mask, checkpointed=keep_qkv)
+    out.float().pow(2).sum().backward()
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"attention_dropout": 0.1}, {"norm_first": True}],
+    ids=["post-norm", "attention-dropout", "pre-norm"],
+)
+def test_recomputed_qkv_gives_bit_identical_outputs_and_gradients(options):
+    layer = frozen_layer(**options)
+    kept_out, kept_grad = output_and_input_grad(layer, keep_qkv=True)
+    out, grad = output_and_input_grad(layer, keep_qkv=False)
+    assert torch.equal(out, kept_out)
+    assert torch.equal(grad, kept_grad)
+
+
+def test_recomputation_runs_under_the_forward_pass_autocast():
+    layer = frozen_layer()
+    kept_out, kept_grad = output_and_input_grad(layer, keep_qkv=True, autocast=True)
+    out, grad = output_and_input_grad(layer, keep_qkv=False, autocast=True)
+    assert not torch.equal(out, output_and_input_grad(layer, keep_qkv=False)[0])  # bf16 matmuls did run
+    assert torch.equal(out, kept_out)
+    assert torch.equal(grad, kept_grad)
+
+
+def held_after_forward(layer, *, keep_qkv: bool) -> float:
+    x, padding_mask = inputs()
+    x.requires_grad_(True)
+    with LiveTensorMemory() as memory:
+        out = layer(x, padding_mask, checkpointed=keep_qkv)
+    del out
+    return memory.end_megabytes
+
+
+def test_frozen_attention_keeps_exactly_the_qkv_output_less():
+    layer = frozen_layer()
+    qkv_mb = BATCH * LENGTH * 3 * D_MODEL * 4 / 2**20
+    saved = held_after_forward(layer, keep_qkv=True) - held_after_forward(layer, keep_qkv=False)
+    assert saved == pytest.approx(qkv_mb, rel=1e-9)
+
+
+def test_only_plain_frozen_linear_projections_under_autograd_are_recomputed():
+    linear = nn.Linear(4, 12)
+    x = torch.randn(2, 4, requires_grad=True)
+    assert not recomputable(linear, x)  # trainable (full fine-tuning)
+    linear.requires_grad_(False)
+    assert recomputable(linear, x)
+    assert not recomputable(linear, x.detach())  # no gradient to the input: nothing is saved
+    with torch.no_grad():
+        assert not recomputable(linear, x)
+    lora = LoRALinear(linear, blocks=[(0, 4)], r=2, alpha=2.0, dropout=0.0)
+    lora.requires_grad_(False)
+    assert not recomputable(lora, x)  # a wrapper may draw random numbers: keep its output
+
+
+def test_input_modified_in_place_before_backward_is_an_error():
+    linear = nn.Linear(4, 12).requires_grad_(False)
+    x = torch.randn(2, 4, requires_grad=True)
+    source = x * 1.0
+    qkv = linear(source)
+    with RecomputedProjection(linear, source, qkv).hooks():
+        out = (qkv[:, :4] * qkv[:, 4:8]).sum()
+    with torch.no_grad():
+        source.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.backward()
+
+
+@pytest.mark.parametrize("checkpointing", [True, 1])
+def test_gradient_checkpointing_of_frozen_layers_gives_identical_input_gradients(checkpointing):
+    torch.manual_seed(0)
+    layers = nn.ModuleList(TransformerLayer(D_MODEL, 4, 32, dropout=0.2) for _ in range(2)).train()
+    layers.requires_grad_(False)
+
+    def input_grad(checkpointing) -> torch.Tensor:
+        x, padding_mask = inputs()
+        x.requires_grad_(True)
+        torch.manual_seed(2)
+        run_layers(layers, x, padding_mask, checkpointing=checkpointing).pow(2).sum().backward()
+        return x.grad
+
+    assert torch.equal(input_grad(checkpointing), input_grad(False))
