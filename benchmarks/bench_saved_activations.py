@@ -6,8 +6,9 @@
 A diagnostic for the memory figures of bench_strategies.py: one training-mode forward pass on the same
 synthetic batch (8 x 701 tokens, all real), with `torch.autograd.graph.saved_tensors_hooks` recording
 every tensor autograd saves (deduplicated by storage; parameters excluded) under the innermost module
-running at the time (layer indices folded: `layers.*.linear1`). Also records which attention kernel ran
-(aten op names from the profiler). No backward, no optimiser: this is the activation part of the peak,
+running at the time (layer indices folded: `layers.*.linear1`); where attention keeps a frozen
+projection's input instead of q/k/v (`backbones/recompute.py`), what it keeps is counted. Also
+records which attention kernel ran (aten op names from the profiler). No backward, no optimiser: this is the activation part of the peak,
 not the gradients, AdamW state or backward temporaries. Writes benchmarks/results/saved_activations.csv / .md.
 """
 
@@ -21,6 +22,7 @@ import re
 import sys
 from collections import defaultdict
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_strategies.py
 
@@ -32,6 +34,7 @@ import _common  # noqa: E402
 from bench_strategies import SIZES, STRATEGIES, compose_config, synthetic_batch  # noqa: E402
 
 from scpeft_cli.assembly import assemble  # noqa: E402
+from scpeft_cli.backbones.recompute import RecomputedProjection  # noqa: E402
 
 
 def saved_by_module(model, batch) -> tuple[dict[str, float], dict[str, str], float]:
@@ -62,8 +65,20 @@ def saved_by_module(model, batch) -> tuple[dict[str, float], dict[str, str], flo
             biggest[key] = (nbytes, f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}")
         return t
 
+    # Attention behind a frozen projection installs its own hooks, which take precedence over these:
+    # record what they keep instead (the other saved tensors, and the projection input in place of q/k/v).
+    recomputed_pack = RecomputedProjection.pack
+
+    def observed_pack(self: RecomputedProjection, tensor: torch.Tensor):
+        packed = recomputed_pack(self, tensor)
+        pack(packed if isinstance(packed, torch.Tensor) else self.kept_input)
+        return packed
+
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            mock.patch.object(RecomputedProjection, "pack", observed_pack),
+        ):
             logits, _ = model(batch)
     finally:
         for handle in handles:

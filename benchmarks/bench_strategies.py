@@ -75,8 +75,10 @@ COLUMNS = [
     "step_s",
     "cells_per_s",
     "peak_memory_mb",
+    "live_peak_mb",
     "step_time_vs_full",
     "memory_vs_full",
+    "live_memory_vs_full",
     "grads_mb",
     "optimizer_state_mb",
     "activations_etc_mb",
@@ -150,7 +152,7 @@ def worker(spec: dict) -> dict:
 
     from scpeft_cli.assembly import assemble, parameter_counts
     from scpeft_cli.training.host_memory import return_freed_memory
-    from scpeft_cli.training.resources import PeakMemory
+    from scpeft_cli.training.resources import LiveTensorMemory, PeakMemory
 
     torch.manual_seed(0)
     if spec["threads"]:
@@ -193,7 +195,7 @@ def worker(spec: dict) -> dict:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["bf16"])
     model.train()
 
-    def step() -> float:
+    def step(optimizer: torch.optim.Optimizer = optimizer) -> float:
         sync()
         t0 = time.perf_counter()
         with autocast:
@@ -217,6 +219,16 @@ def worker(spec: dict) -> dict:
                 times.append(elapsed)
     peak_mb = peak.megabytes - allocated_before / 2**20 if cuda else peak.megabytes
     hwm = _hwm_bytes() if hwm_ok else None
+    if cuda:
+        live_peak_mb = peak_mb
+    else:  # two more steps from the same start (no gradients, no AdamW state), profiled: not timed
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        with LiveTensorMemory() as live:
+            fresh = torch.optim.AdamW(trainable, lr=1e-4)
+            step(fresh)
+            step(fresh)
+        live_peak_mb = live.peak_megabytes
 
     grads_mb = sum(p.numel() * p.element_size() for p in trainable) / 2**20
     state_mb = (
@@ -236,6 +248,7 @@ def worker(spec: dict) -> dict:
         "cells_per_s": spec["batch"] / step_s,
         "peak_memory_mb": peak_mb,
         "memory_kind": "cuda_allocator_peak_growth" if cuda else "cpu_peak_rss_growth",
+        "live_peak_mb": live_peak_mb,
         "peak_rss_hwm_growth_mb": (hwm - rss_before) / 2**20 if hwm is not None else float("nan"),
         "rss_after_build_mb": rss_before / 2**20,
         "grads_mb": grads_mb,
@@ -270,8 +283,10 @@ def combine_rounds(runs: list[dict], fulls: list[dict]) -> dict:
     row["activations_etc_mb"] = row["peak_memory_mb"] - row["grads_mb"] - row["optimizer_state_mb"]
     row["step_time_vs_full"] = statistics.median(run["step_s"] / full["step_s"] for run, full in ok)
     row["memory_vs_full"] = statistics.median(run["peak_memory_mb"] / full["peak_memory_mb"] for run, full in ok)
+    row["live_peak_mb"] = statistics.median(run["live_peak_mb"] for run, _ in ok)
+    row["live_memory_vs_full"] = statistics.median(run["live_peak_mb"] / full["live_peak_mb"] for run, full in ok)
     row["rounds"] = len(ok)
-    for key in ("step_s", "peak_memory_mb", "step_times_s", "peak_rss_hwm_growth_mb"):
+    for key in ("step_s", "peak_memory_mb", "live_peak_mb", "step_times_s", "peak_rss_hwm_growth_mb"):
         row[f"{key}_by_round"] = " / ".join(str(run[key]) for run, _ in ok)
     return row
 
@@ -400,6 +415,14 @@ def main(argv=None) -> int:
             )
             + "; grads_mb / optimizer_state_mb: fp32 gradient and AdamW state sizes; activations_etc_mb: the rest "
             "(saved activations, temporaries, allocator slack)",
+            "live_peak_mb: "
+            + (
+                "the same as peak_memory_mb (the CUDA allocator counts live tensors)"
+                if args.device.startswith("cuda")
+                else "peak of the bytes held by live tensors (profiler allocation events) over two more, untimed steps "
+                "from the same start (no gradients, no AdamW state): the CPU counterpart of the CUDA allocator peak, "
+                "without the freed memory glibc keeps mapped"
+            ),
             f"every strategy ran in a fresh subprocess, {args.rounds} round(s) in alternating order; step_s and "
             "peak_memory_mb are medians over rounds, step_time_vs_full and memory_vs_full medians of the per-round "
             "ratios to full fine-tuning; "

@@ -1,0 +1,15 @@
+"""LiveTensorMemory: the CPU counterpart of the CUDA allocator peak used by the benchmarks."""
+
+import torch
+
+from scpeft_cli.training.resources import LiveTensorMemory
+
+
+def test_counts_the_peak_and_the_end_of_tensors_allocated_in_the_block():
+    with LiveTensorMemory() as memory:
+        first = torch.ones(2**20)  # 4 MB
+        second = torch.ones(2**19)  # 2 MB: 6 MB live at the peak
+        del first
+    assert memory.peak_megabytes == 6.0
+    assert memory.end_megabytes == 2.0
+    del second
