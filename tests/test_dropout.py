@@ -88,4 +88,6 @@ def test_layer_backward_stores_no_float_dropout_masks():
     assert len(masks) == 3  # dropout1, ReLU + dropout, dropout2
     weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     activations = {t.untyped_storage().data_ptr() for t in saved if t.dtype == torch.float32 and t.numel() >= x.numel()}
-    assert len(activations - weights) == 4  # q/k/v (one qkv storage), attention output, the two LayerNorm inputs
+    # the two LayerNorm inputs; attention behind the frozen projection saves through its own hooks,
+    # which these do not see (what it keeps: tests/test_recompute.py)
+    assert len(activations - weights) == 2
