@@ -31,8 +31,7 @@ def output_and_input_grad(layer, *, keep_qkv: bool, autocast: bool = False) -> t
     x.requires_grad_(True)
     torch.manual_seed(2)  # the same dropout masks in every run
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        # `checkpointed=True` is the layer's switch for "keep q/k/v" (checkpointing recomputes them anyway)
-        out = layer(x, padding_mask, checkpointed=keep_qkv)
+        out = layer(x, padding_mask, keep_qkv=keep_qkv)
     out.float().pow(2).sum().backward()
     return out.detach(), x.grad
 
@@ -63,7 +62,7 @@ def held_after_forward(layer, *, keep_qkv: bool) -> float:
     x, padding_mask = inputs()
     x.requires_grad_(True)
     with LiveTensorMemory() as memory:
-        out = layer(x, padding_mask, checkpointed=keep_qkv)
+        out = layer(x, padding_mask, keep_qkv=keep_qkv)
     del out
     return memory.end_megabytes
 

@@ -90,14 +90,14 @@ class TransformerLayer(nn.Module):
         return self.dropout2(self.linear2(self.activation_dropout(self.linear1(x))))
 
     def forward(
-        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, *, checkpointed: bool = False
+        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, *, keep_qkv: bool = False
     ) -> torch.Tensor:
-        """`checkpointed`: the whole layer is recomputed in the backward pass, so attention keeps nothing extra."""
+        """`keep_qkv`: attention keeps q, k, v for backward even behind a frozen projection."""
         if self.norm_first:
-            x = self.scpeft_attn_adapter(x + self._attention_block(self.norm1(x), padding_mask, checkpointed))
+            x = self.scpeft_attn_adapter(x + self._attention_block(self.norm1(x), padding_mask, keep_qkv))
             out = x + self._feed_forward_block(self.norm2(x))
         else:
-            x = self.scpeft_attn_adapter(self.norm1(x + self._attention_block(x, padding_mask, checkpointed)))
+            x = self.scpeft_attn_adapter(self.norm1(x + self._attention_block(x, padding_mask, keep_qkv)))
             out = self.norm2(x + self._feed_forward_block(x))
         if self.scpeft_ffn_adapter is not None:
             out = out + self.scpeft_ffn_adapter(x)
@@ -133,7 +133,8 @@ def run_layers(
         if prompts is not None:
             x, padding_mask = prompts.before_layer(index, x, padding_mask)
         if index < recomputed and torch.is_grad_enabled():
-            x = checkpoint(layer, x, padding_mask, checkpointed=True, use_reentrant=False)
+            # the whole layer is recomputed in backward, so attention need not recompute q/k/v on its own
+            x = checkpoint(layer, x, padding_mask, keep_qkv=True, use_reentrant=False)
         else:
             x = layer(x, padding_mask)
     if prompts is not None:
