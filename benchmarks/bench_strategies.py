@@ -60,12 +60,16 @@ STRATEGIES = {
     "prefix": ["peft=prefix"],
     "lora": ["peft=lora"],
     "hf_lora": ["peft=hf", "peft.method=lora"],
-    # not in the default set: the prompts with their first layers recomputed in the backward pass
+    # not in the default set: the prompts with their first layers recomputed in the backward pass,
+    # and strategies behind a frozen QKV projection keeping q/k/v instead of recomputing them
     "token_prompt_ckpt2": ["peft=token_prompt", "trainer.grad_checkpointing=2"],
     "encoder_prompt_ckpt2": ["peft=encoder_prompt", "trainer.grad_checkpointing=2"],
     "encoder_prompt_ckpt3": ["peft=encoder_prompt", "trainer.grad_checkpointing=3"],
+    "token_prompt_keep_qkv": ["peft=token_prompt", "trainer.recompute_frozen_qkv=false"],
+    "encoder_prompt_keep_qkv": ["peft=encoder_prompt", "trainer.recompute_frozen_qkv=false"],
+    "prefix_keep_qkv": ["peft=prefix", "trainer.recompute_frozen_qkv=false"],
 }
-DEFAULT_STRATEGIES = [name for name in STRATEGIES if "_ckpt" not in name]
+DEFAULT_STRATEGIES = [name for name in STRATEGIES if "_ckpt" not in name and "_keep_qkv" not in name]
 
 COLUMNS = [
     "strategy",
@@ -176,6 +180,8 @@ def worker(spec: dict) -> dict:
         if not hasattr(model.backbone, "gradient_checkpointing"):
             raise SystemExit("--grad-checkpointing: this backbone has no `gradient_checkpointing` switch")
         model.backbone.gradient_checkpointing = checkpointing
+    recompute_frozen_qkv = trainer_cfg.get("recompute_frozen_qkv", True)
+    model.backbone.recompute_frozen_qkv = recompute_frozen_qkv  # what the trainer does with its setting
     freed_memory_returned = bool(trainer_cfg.get("return_freed_memory", False)) and return_freed_memory()
     sync()
     build_s = time.perf_counter() - started
@@ -263,6 +269,7 @@ def worker(spec: dict) -> dict:
         "device": str(device),
         "bf16": spec["bf16"],
         "grad_checkpointing": checkpointing,
+        "recompute_frozen_qkv": recompute_frozen_qkv,
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", ""),
         "return_freed_memory": freed_memory_returned,
         "threads": torch.get_num_threads(),

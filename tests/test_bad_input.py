@@ -184,6 +184,7 @@ CONFIG_CASES = {
     "unknown key": (["trainer.learning_rate=0.1"], r"trainer.learning_rate"),
     "negative learning rate": (["trainer.lr=-0.1"], r"trainer.lr must be positive"),
     "negative checkpointed layers": (["trainer.grad_checkpointing=-1"], r"trainer.grad_checkpointing=-1: use true"),
+    "recompute switch not a boolean": (["trainer.recompute_frozen_qkv=sometimes"], r"trainer.recompute_frozen_qkv='sometimes' is not valid: expected true or false"),
     "rank zero": (["peft=lora", "peft.r=0"], r"peft.r \(LoRA rank\) must be >= 1"),
     "ratio outside (0, 1]": (["peft=token_prompt", "peft.ratio=1.5"], r"peft.ratio must be in \(0, 1\]"),
     "too many prefix tokens": (["peft=prefix", "peft.n_tokens=5000"], r"peft.n_tokens must be between 1 and"),

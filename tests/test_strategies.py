@@ -13,6 +13,7 @@ from scpeft_cli.assembly import assemble, load_trained
 from scpeft_cli.errors import UserError
 from scpeft_cli.peft.lora import LoRALinear
 from scpeft_cli.peft.persistence import WEIGHTS_FILE, save_adapter
+from scpeft_cli.training.resources import LiveTensorMemory
 
 GENES = [f"GENE{i}" for i in range(30)]
 N_CLASSES = 4
@@ -154,6 +155,31 @@ def test_train_mode_without_dropout_equals_eval_mode(build, batch, case):
         eval_again = cls_logits(parts.model, batch)
     torch.testing.assert_close(train_out, eval_out, rtol=0, atol=1e-6)
     torch.testing.assert_close(eval_out, eval_again, rtol=0, atol=0)
+
+
+def test_keeping_qkv_instead_of_recomputing_changes_memory_only(build, batch):
+    """`trainer.recompute_frozen_qkv` (the backbone's switch): same loss and gradients, q/k/v kept when off."""
+    _, parts = build("token_prompt")
+    model = parts.model.train()
+    perturb_trainables(model)
+
+    def forward_and_backward(recompute: bool):
+        model.backbone.recompute_frozen_qkv = recompute
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same dropout masks
+        with LiveTensorMemory() as memory:
+            logits, _ = model(batch)
+        parts.task.loss(logits, batch["labels"]).backward()
+        return memory.end_megabytes, logits.detach(), [p.grad for p in model.parameters() if p.requires_grad]
+
+    held_recomputing, logits, grads = forward_and_backward(True)
+    held_keeping, logits_kept, grads_kept = forward_and_backward(False)
+    assert torch.equal(logits, logits_kept)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_kept, strict=True))
+    n_cells, length = batch["gene_ids"].shape
+    d_model, n_layers = model.backbone.d_model, len(model.backbone.layers)
+    qkv_minus_layer_input_mb = n_layers * n_cells * length * (3 - 1) * d_model * 4 / 2**20
+    assert held_keeping - held_recomputing == pytest.approx(qkv_minus_layer_input_mb, rel=1e-9)
 
 
 @pytest.mark.parametrize("case", STRATEGIES)

@@ -93,6 +93,14 @@ def test_max_steps_stops_training_and_best_state_is_restored():
     assert trainer.evaluate(model, val, AnnotationTask.loss).loss == pytest.approx(best["val_loss"], rel=1e-6)
 
 
+@pytest.mark.parametrize("recompute", [True, False])
+def test_fit_hands_the_memory_switches_to_the_backbone(recompute):
+    trainer = make_trainer(max_steps=1, max_epochs=1, grad_checkpointing=2, recompute_frozen_qkv=recompute)
+    model, _, _ = fit_toy(trainer, (np.arange(16) % 2).astype(int))
+    assert model.backbone.gradient_checkpointing == 2
+    assert model.backbone.recompute_frozen_qkv is recompute
+
+
 def test_early_stopping_and_monitor_direction():
     labels = (np.arange(32) % 7 > 3).astype(int)
     trainer = make_trainer(lr=0.0001, max_epochs=30, patience=2, monitor="val_macro_f1")
@@ -101,7 +109,11 @@ def test_early_stopping_and_monitor_direction():
     assert result.best_score == max(r["val_macro_f1"] for r in result.history)
 
 
-BAD_SETTINGS = [({"lr": -1.0}, "trainer.lr"), ({"monitor": "val_auc"}, "trainer.monitor")]
+BAD_SETTINGS = [
+    ({"lr": -1.0}, "trainer.lr"),
+    ({"monitor": "val_auc"}, "trainer.monitor"),
+    ({"recompute_frozen_qkv": "sometimes"}, "trainer.recompute_frozen_qkv='sometimes': use true or false"),
+]
 if not torch.cuda.is_available():  # bf16 is refused only where the device lacks it
     BAD_SETTINGS.append(({"precision": "bf16"}, "bf16"))
 

@@ -121,12 +121,16 @@ def run_layers(
     prompts: PromptHook | None = None,
     *,
     checkpointing: bool | int = False,
+    recompute_frozen_qkv: bool = True,
 ) -> torch.Tensor:
     """The layer stack, with the prompt hook (if any) around each layer.
 
     `checkpointing` (training only): True for every layer, or the number of layers from the first,
     that keep no activations inside and recompute them in the backward pass: less memory for about
     one more forward pass of those layers. Dropout masks are the same in the recomputation.
+    `recompute_frozen_qkv`: attention behind a frozen QKV projection keeps the projection's input
+    instead of q, k, v and recomputes them in backward (`backbones/recompute.py`); False keeps q, k, v,
+    which costs two thirds more attention memory and saves one QKV matmul per layer.
     """
     recomputed = len(layers) if checkpointing is True else int(checkpointing)
     for index, layer in enumerate(layers):
@@ -136,7 +140,7 @@ def run_layers(
             # the whole layer is recomputed in backward, so attention need not recompute q/k/v on its own
             x = checkpoint(layer, x, padding_mask, keep_qkv=True, use_reentrant=False)
         else:
-            x = layer(x, padding_mask)
+            x = layer(x, padding_mask, keep_qkv=not recompute_frozen_qkv)
     if prompts is not None:
         x, padding_mask = prompts.after_stack(x, padding_mask)
     return x

@@ -88,6 +88,7 @@ class ScGPT(nn.Module):
         )
         self.scpeft_prompts: PromptHook | None = None
         self.gradient_checkpointing: bool | int = False  # set by the trainer (trainer.grad_checkpointing)
+        self.recompute_frozen_qkv = True  # set by the trainer (trainer.recompute_frozen_qkv)
 
     @property
     def token_embedding_adapter_owner(self) -> nn.Module:
@@ -101,6 +102,7 @@ class ScGPT(nn.Module):
         return run_layers(
             self.layers, self.embed(batch), batch["padding_mask"], self.scpeft_prompts,
             checkpointing=self.gradient_checkpointing if self.training else False,
+            recompute_frozen_qkv=self.recompute_frozen_qkv,
         )
 
     def cell_embedding(self, states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -76,6 +76,7 @@ class Trainer:
         num_workers: int,
         group_by_length: bool = False,
         grad_checkpointing: bool | int = False,
+        recompute_frozen_qkv: bool = True,
         return_freed_memory: bool = False,
     ):
         if monitor not in MONITORS:
@@ -86,6 +87,8 @@ class Trainer:
             raise UserError(
                 f"trainer.grad_checkpointing={grad_checkpointing!r}: use true (every layer), false, or a number of layers"
             )
+        if not isinstance(recompute_frozen_qkv, bool):
+            raise UserError(f"trainer.recompute_frozen_qkv={recompute_frozen_qkv!r}: use true or false")
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.lr = lr
@@ -103,6 +106,7 @@ class Trainer:
         self.num_workers = num_workers
         self.group_by_length = group_by_length
         self.grad_checkpointing = grad_checkpointing
+        self.recompute_frozen_qkv = recompute_frozen_qkv
         self.return_freed_memory = return_freed_memory
 
     @property
@@ -147,6 +151,7 @@ class Trainer:
         """
         model.to(self.device)
         model.backbone.gradient_checkpointing = self.grad_checkpointing
+        model.backbone.recompute_frozen_qkv = self.recompute_frozen_qkv
         if self.return_freed_memory:
             host_memory.return_freed_memory()
         trainable = [p for p in model.parameters() if p.requires_grad]
