@@ -7,7 +7,8 @@ Insertion points for PEFT strategies (empty by default, so a plain layer compute
 - `scpeft_attn_adapter`: applied to the output of the attention sub-block (after norm1 when post-norm);
 - `scpeft_ffn_adapter`: its output on the feed-forward sub-block's input is added after that sub-block;
 - `self_attn.qkv` / `out_proj` / `linear1` / `linear2`: the Linear layers LoRA-family methods wrap;
-- `run_layers(..., prompts=...)`: a hook before each layer and after the stack (deep prompts).
+- `run_layers(..., prompts=...)`: a hook before each layer (deep prompts), which also says which of a
+  layer's leading positions no later step reads, so the layer need not compute their outputs.
 """
 
 from __future__ import annotations
@@ -36,12 +37,16 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
 
     def forward(
-        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, *, keep_qkv: bool = False
+        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, *, keep_qkv: bool = False, skip: int = 0
     ) -> torch.Tensor:
-        """`keep_qkv`: let autograd keep q, k, v even when the projection is frozen and could recompute them."""
+        """Attention outputs at positions `skip:` (every position is still a key and value).
+
+        `keep_qkv`: let autograd keep q, k, v even when the projection is frozen and could recompute them.
+        """
         batch, length, d_model = x.shape
         qkv = self.qkv(x)
         q, k, v = qkv.view(batch, length, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        q = q[:, :, skip:]
         attn_mask = None if padding_mask is None else ~padding_mask[:, None, None, :]
         saving = (
             contextlib.nullcontext()
@@ -52,7 +57,7 @@ class SelfAttention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
             )
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, d_model))
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length - skip, d_model))
 
 
 class TransformerLayer(nn.Module):
@@ -83,21 +88,28 @@ class TransformerLayer(nn.Module):
         self.scpeft_attn_adapter: nn.Module = nn.Identity()
         self.scpeft_ffn_adapter: nn.Module | None = None
 
-    def _attention_block(self, x: torch.Tensor, padding_mask: torch.Tensor | None, keep_qkv: bool) -> torch.Tensor:
-        return self.dropout1(self.self_attn(x, padding_mask, keep_qkv=keep_qkv))
+    def _attention_block(
+        self, x: torch.Tensor, padding_mask: torch.Tensor | None, keep_qkv: bool, skip: int
+    ) -> torch.Tensor:
+        return self.dropout1(self.self_attn(x, padding_mask, keep_qkv=keep_qkv, skip=skip))
 
     def _feed_forward_block(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout2(self.linear2(self.activation_dropout(self.linear1(x))))
 
     def forward(
-        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, *, keep_qkv: bool = False
+        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, *, keep_qkv: bool = False, skip: int = 0
     ) -> torch.Tensor:
-        """`keep_qkv`: attention keeps q, k, v for backward even behind a frozen projection."""
+        """The layer's outputs at positions `skip:`; the first `skip` positions serve only as keys and values.
+
+        `keep_qkv`: attention keeps q, k, v for backward even behind a frozen projection.
+        """
         if self.norm_first:
-            x = self.scpeft_attn_adapter(x + self._attention_block(self.norm1(x), padding_mask, keep_qkv))
+            attended = self._attention_block(self.norm1(x), padding_mask, keep_qkv, skip)
+            x = self.scpeft_attn_adapter(x[:, skip:] + attended)
             out = x + self._feed_forward_block(self.norm2(x))
         else:
-            x = self.scpeft_attn_adapter(self.norm1(x + self._attention_block(x, padding_mask, keep_qkv)))
+            attended = self._attention_block(x, padding_mask, keep_qkv, skip)
+            x = self.scpeft_attn_adapter(self.norm1(x[:, skip:] + attended))
             out = self.norm2(x + self._feed_forward_block(x))
         if self.scpeft_ffn_adapter is not None:
             out = out + self.scpeft_ffn_adapter(x)
@@ -105,13 +117,18 @@ class TransformerLayer(nn.Module):
 
 
 class PromptHook(nn.Module):
-    """Deep-prompt insertion point: may change the sequence before each layer and after the stack."""
+    """Deep-prompt insertion point: may change the sequence before each layer.
+
+    `unread_outputs(index)`: how many leading positions of layer `index`'s input no later layer and not
+    the stack's output reads (prompts the next layer replaces); the layer computes no outputs there and
+    the sequence leaves it that much shorter.
+    """
 
     def before_layer(self, index: int, x: torch.Tensor, padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x, padding_mask
 
-    def after_stack(self, x: torch.Tensor, padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x, padding_mask
+    def unread_outputs(self, index: int) -> int:
+        return 0
 
 
 def run_layers(
@@ -134,13 +151,14 @@ def run_layers(
     """
     recomputed = len(layers) if checkpointing is True else int(checkpointing)
     for index, layer in enumerate(layers):
+        skip = 0
         if prompts is not None:
             x, padding_mask = prompts.before_layer(index, x, padding_mask)
+            skip = prompts.unread_outputs(index)
         if index < recomputed and torch.is_grad_enabled():
             # the whole layer is recomputed in backward, so attention need not recompute q/k/v on its own
-            x = checkpoint(layer, x, padding_mask, keep_qkv=True, use_reentrant=False)
+            x = checkpoint(layer, x, padding_mask, keep_qkv=True, skip=skip, use_reentrant=False)
         else:
-            x = layer(x, padding_mask, keep_qkv=not recompute_frozen_qkv)
-    if prompts is not None:
-        x, padding_mask = prompts.after_stack(x, padding_mask)
+            x = layer(x, padding_mask, keep_qkv=not recompute_frozen_qkv, skip=skip)
+        padding_mask = padding_mask[:, skip:]
     return x

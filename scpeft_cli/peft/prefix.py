@@ -1,4 +1,4 @@
-"""Deep prefix prompts: learned tokens after `<cls>`, replaced per prompted layer, stripped at the end.
+"""Deep prefix prompts: learned tokens attended to in every prompted layer, replaced per prompted layer.
 
 The prompt positions are never masked. Unlike the adapters, prompts change the attention even when
 they are zero, so the adapted model is not the pretrained one at step 0.
@@ -21,30 +21,33 @@ MAX_PREFIX_TOKENS = 1024
 
 
 class PrefixPrompts(PromptHook):
-    """One block of `n_tokens` prompt vectors per prompted layer (zero-initialised)."""
+    """One block of `n_tokens` prompt vectors per prompted layer (zero-initialised).
 
-    def __init__(self, layers: list[int], n_tokens: int, d_model: int):
+    The block goes in front of the sequence: the layers have no notion of position, so where it sits
+    changes nothing, and in front the positions it replaces form one slice. A prompted layer's outputs at
+    the prompt positions are computed only where an unprompted layer reads them: the next prompted layer
+    puts in its own block, and the stack's output leaves the prompts out.
+    """
+
+    def __init__(self, layers: list[int], n_tokens: int, d_model: int, *, n_layers: int):
         super().__init__()
         self.layers = layers
         self.position = {layer: i for i, layer in enumerate(layers)}
         self.n_tokens = n_tokens
+        self.n_layers = n_layers
         self.scpeft_prefix = nn.Parameter(torch.zeros(len(layers), n_tokens, d_model))
 
     def before_layer(self, index, x, padding_mask):
         if index not in self.position:
             return x, padding_mask
         prompt = self.scpeft_prefix[self.position[index]].to(x.dtype).expand(x.shape[0], -1, -1)
-        if index == self.layers[0]:  # insert after <cls>
-            visible = padding_mask.new_zeros(x.shape[0], self.n_tokens)
-            return (
-                torch.cat([x[:, :1], prompt, x[:, 1:]], dim=1),
-                torch.cat([padding_mask[:, :1], visible, padding_mask[:, 1:]], dim=1),
-            )
-        return torch.cat([x[:, :1], prompt, x[:, 1 + self.n_tokens :]], dim=1), padding_mask
+        visible = padding_mask.new_zeros(x.shape[0], self.n_tokens)
+        return torch.cat([prompt, x], dim=1), torch.cat([visible, padding_mask], dim=1)
 
-    def after_stack(self, x, padding_mask):
-        keep = torch.cat([x[:, :1], x[:, 1 + self.n_tokens :]], dim=1)
-        return keep, torch.cat([padding_mask[:, :1], padding_mask[:, 1 + self.n_tokens :]], dim=1)
+    def unread_outputs(self, index):
+        carries_prompts = index >= self.layers[0]
+        replaced_or_dropped_next = index + 1 in self.position or index + 1 == self.n_layers
+        return self.n_tokens if carries_prompts and replaced_or_dropped_next else 0
 
 
 @dataclass
@@ -58,8 +61,9 @@ class Prefix(Strategy):
 
     def attach(self, backbone: nn.Module) -> None:
         layers = select_layers(self.layers, len(backbone.layers), default="all")
-        occupy(backbone, "scpeft_prompts", PrefixPrompts(layers, self.n_tokens, backbone.d_model), strategy=self.name)
+        prompts = PrefixPrompts(layers, self.n_tokens, backbone.d_model, n_layers=len(backbone.layers))
+        occupy(backbone, "scpeft_prompts", prompts, strategy=self.name)
 
     def placement(self, backbone: nn.Module) -> str:
         layers = select_layers(self.layers, len(backbone.layers), default="all")
-        return f"{self.n_tokens} prompt tokens after <cls>, replaced in layers {layers}"
+        return f"{self.n_tokens} prompt tokens attended to from layer {layers[0]} on, replaced in layers {layers}"
