@@ -1,4 +1,4 @@
-"""Deep prefix prompts compute no outputs at prompt positions that nothing reads, and change no result by it."""
+"""Deep prefix prompts: in front of the sequence, no outputs where nothing reads them, the published results."""
 
 import pytest
 import torch
@@ -30,22 +30,27 @@ def prompts(prompted: list[int]) -> PrefixPrompts:
     return hook
 
 
-def every_position_computed(layers: nn.ModuleList, hook: PrefixPrompts, x, padding_mask) -> torch.Tensor:
-    """The plain definition: each prompted layer's block replaces the previous one; the output leaves it out."""
-    carried = False
+def published_definition(layers: nn.ModuleList, hook: PrefixPrompts, x, padding_mask) -> torch.Tensor:
+    """Every position computed, prompts right after `<cls>` (the published method): inserted at the first
+    prompted layer, replaced by each later one, stripped after the last layer."""
+    n = N_TOKENS
     for index, layer in enumerate(layers):
         if index in hook.position:
-            if carried:
-                x, padding_mask = x[:, N_TOKENS:], padding_mask[:, N_TOKENS:]
-            x, padding_mask = hook.before_layer(index, x, padding_mask)
-            carried = True
+            prompt = hook.scpeft_prefix[hook.position[index]].expand(BATCH, -1, -1)
+            if index == hook.layers[0]:
+                visible = padding_mask.new_zeros(BATCH, n)
+                padding_mask = torch.cat([padding_mask[:, :1], visible, padding_mask[:, 1:]], dim=1)
+                x = torch.cat([x[:, :1], prompt, x[:, 1:]], dim=1)
+            else:
+                x = torch.cat([x[:, :1], prompt, x[:, 1 + n :]], dim=1)
         x = layer(x, padding_mask)
-    return x[:, N_TOKENS:] if carried else x
+    return torch.cat([x[:, :1], x[:, 1 + n :]], dim=1)
 
 
 @pytest.mark.parametrize("prompted", [[0, 1, 2, 3], [1, 3], [0], [2]], ids=["all", "1,3", "first", "third"])
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
-def test_skipping_unread_prompt_outputs_gives_the_same_result_and_gradients(prompted, norm_first):
+def test_prompts_in_front_computed_where_read_match_the_published_definition(prompted, norm_first):
+    """The layers carry no position, so prompts in front give what prompts after `<cls>` give (up to rounding)."""
     layers, hook = stack(norm_first=norm_first), prompts(prompted)
     x, padding_mask = inputs()
 
@@ -56,7 +61,7 @@ def test_skipping_unread_prompt_outputs_gives_the_same_result_and_gradients(prom
         return out.detach(), hook.scpeft_prefix.grad
 
     out, grad = output_and_prefix_grad(lambda layers, hook, x, mask: run_layers(layers, x, mask, hook))
-    expected, expected_grad = output_and_prefix_grad(every_position_computed)
+    expected, expected_grad = output_and_prefix_grad(published_definition)
     assert out.shape == (BATCH, LENGTH, D_MODEL)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
@@ -71,3 +76,16 @@ def test_layers_followed_by_a_prompted_layer_output_only_the_cell_positions():
     run_layers(layers, x, padding_mask, hook)
     # layer 0: no prompts yet; 1: read by unprompted layer 2; 2: replaced by layer 3; 3: left out of the output
     assert lengths == [LENGTH, LENGTH + N_TOKENS, LENGTH, LENGTH]
+
+
+def test_gradient_checkpointing_skips_the_same_outputs():
+    layers, hook = stack(), prompts([0, 2])
+    layers.train()
+    x, padding_mask = inputs()
+
+    def prefix_grad(checkpointing) -> torch.Tensor:
+        hook.zero_grad(set_to_none=True)
+        run_layers(layers, x, padding_mask, hook, checkpointing=checkpointing).pow(2).sum().backward()
+        return hook.scpeft_prefix.grad
+
+    torch.testing.assert_close(prefix_grad(True), prefix_grad(False), rtol=1e-5, atol=1e-6)

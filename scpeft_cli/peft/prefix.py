@@ -23,8 +23,9 @@ MAX_PREFIX_TOKENS = 1024
 class PrefixPrompts(PromptHook):
     """One block of `n_tokens` prompt vectors per prompted layer (zero-initialised).
 
-    The block goes in front of the sequence: the layers have no notion of position, so where it sits
-    changes nothing, and in front the positions it replaces form one slice. A prompted layer's outputs at
+    The published method puts the block right after `<cls>`; here it goes in front of the sequence. The
+    layers carry no position, so that gives the same results (tests/test_prefix.py), and in front the
+    positions a block takes form one slice. A prompted layer's outputs at
     the prompt positions are computed only where an unprompted layer reads them: the next prompted layer
     puts in its own block, and the stack's output leaves the prompts out.
     """
