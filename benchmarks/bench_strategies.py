@@ -45,9 +45,9 @@ sys.path.insert(0, str(HERE))
 
 SIZES = {
     # whole-human scGPT: 512-d, 12 layers, 60,697-row gene embedding (random weights)
-    "whole": {"overrides": ["backbone=scgpt", "task.n_classes=18"], "n_genes": 2000, "warmup": 1, "steps": 3},
+    "whole": {"overrides": ["backbone=scgpt", "task.n_classes=18"], "n_genes": 2000, "warmup": 1, "steps": 3, "rounds": 3},
     # the demo backbone with pbmc68k_reduced's gene count
-    "small": {"overrides": ["backbone=scgpt_small", "task.n_classes=10"], "n_genes": 765, "warmup": 3, "steps": 20},
+    "small": {"overrides": ["backbone=scgpt_small", "task.n_classes=10"], "n_genes": 765, "warmup": 3, "steps": 20, "rounds": 7},
 }
 
 STRATEGIES = {
@@ -342,8 +342,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=3,
-        help="times every strategy runs, in alternating order; the ratios to full are medians of per-round ratios",
+        default=None,
+        help="times every strategy runs, in alternating order; the ratios to full are medians of per-round "
+        "ratios (default: whole 3, small 7, whose 0.15 s steps drift by up to 25%% between rounds)",
     )
     parser.add_argument("--timeout", type=float, default=600, help="seconds per strategy subprocess")
     parser.add_argument("--suffix", default="", help="appended to the result file names")
@@ -371,8 +372,9 @@ def main(argv=None) -> int:
     for size in args.sizes:
         warmup = SIZES[size]["warmup"] if args.warmup is None else args.warmup
         steps = SIZES[size]["steps"] if args.steps is None else args.steps
+        rounds = SIZES[size]["rounds"] if args.rounds is None else args.rounds
         by_round: list[dict[str, dict]] = []
-        for round_index in range(args.rounds):
+        for round_index in range(rounds):
             # alternate the order so that a drift of the machine's speed falls on every strategy alike
             order = strategies if round_index % 2 == 0 else strategies[::-1]
             results = {}
@@ -401,7 +403,7 @@ def main(argv=None) -> int:
                 row = results[strategy]
                 print(
                     f"  {size:>5} {strategy:<24} step {row['step_s']:.3f} s  peak {row['peak_memory_mb']:.0f} MB  "
-                    f"trainable {row['trainable_params']:,}  (round {round_index + 1}/{args.rounds}, "
+                    f"trainable {row['trainable_params']:,}  (round {round_index + 1}/{rounds}, "
                     f"{time.perf_counter() - t0:.0f} s wall)",
                     flush=True,
                 )
@@ -430,7 +432,7 @@ def main(argv=None) -> int:
                 "from the same start (no gradients, no AdamW state): the CPU counterpart of the CUDA allocator peak, "
                 "without the freed memory glibc keeps mapped"
             ),
-            f"every strategy ran in a fresh subprocess, {args.rounds} round(s) in alternating order; step_s and "
+            f"every strategy ran in a fresh subprocess, {rounds} round(s) in alternating order; step_s and "
             "peak_memory_mb are medians over rounds, step_time_vs_full and memory_vs_full medians of the per-round "
             "ratios to full fine-tuning; "
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",

@@ -1,6 +1,6 @@
 """Run the three benchmarks one after another (never in parallel: they would time each other).
 
-    python benchmarks/run_all.py               # the full suite (~45 min on 2 CPU cores)
+    python benchmarks/run_all.py               # the full suite (~52 min on 2 CPU cores)
     python benchmarks/run_all.py --quick       # small sizes and 2,000 cells: a ~2 min smoke run
     python benchmarks/run_all.py --only layers tokenize
     python benchmarks/run_all.py --only activations   # the saved-for-backward diagnostic (~1 min)
