@@ -155,8 +155,8 @@ def worker(spec: dict) -> dict:
     import torch
 
     from scpeft_cli.assembly import assemble, parameter_counts
-    from scpeft_cli.training.host_memory import return_freed_memory
     from scpeft_cli.training.resources import LiveTensorMemory, PeakMemory
+    from scpeft_cli.training.trainer import apply_memory_settings
 
     torch.manual_seed(0)
     if spec["threads"]:
@@ -176,13 +176,15 @@ def worker(spec: dict) -> dict:
     model = parts.model.to(device)
     trainer_cfg = cfg.get("trainer", {})
     checkpointing = True if spec["grad_checkpointing"] else trainer_cfg.get("grad_checkpointing", False)
-    if checkpointing:  # what the trainer does for trainer.grad_checkpointing=true / N layers
-        if not hasattr(model.backbone, "gradient_checkpointing"):
-            raise SystemExit("--grad-checkpointing: this backbone has no `gradient_checkpointing` switch")
-        model.backbone.gradient_checkpointing = checkpointing
+    if checkpointing and not hasattr(model.backbone, "gradient_checkpointing"):
+        raise SystemExit("--grad-checkpointing: this backbone has no `gradient_checkpointing` switch")
     recompute_frozen_qkv = trainer_cfg.get("recompute_frozen_qkv", True)
-    model.backbone.recompute_frozen_qkv = recompute_frozen_qkv  # what the trainer does with its setting
-    freed_memory_returned = bool(trainer_cfg.get("return_freed_memory", False)) and return_freed_memory()
+    freed_memory_returned = apply_memory_settings(  # what the trainer does with its settings
+        model.backbone,
+        grad_checkpointing=checkpointing,
+        recompute_frozen_qkv=recompute_frozen_qkv,
+        return_freed_memory=bool(trainer_cfg.get("return_freed_memory", False)),
+    )
     sync()
     build_s = time.perf_counter() - started
     counts = parameter_counts(model)

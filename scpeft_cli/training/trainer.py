@@ -53,6 +53,15 @@ class Evaluation:
         return (shifted / shifted.sum(axis=1, keepdims=True)).max(axis=1)
 
 
+def apply_memory_settings(
+    backbone: nn.Module, *, grad_checkpointing: bool | int, recompute_frozen_qkv: bool, return_freed_memory: bool
+) -> bool:
+    """What the `trainer.*` memory settings do before training; True where freed memory now leaves the process."""
+    backbone.gradient_checkpointing = grad_checkpointing
+    backbone.recompute_frozen_qkv = recompute_frozen_qkv
+    return return_freed_memory and host_memory.return_freed_memory()
+
+
 class Trainer:
     """Trains the strategy's parameters and keeps the best validation state (trainable tensors only)."""
 
@@ -150,10 +159,12 @@ class Trainer:
         resumed from: the result is the same as that of an uninterrupted run.
         """
         model.to(self.device)
-        model.backbone.gradient_checkpointing = self.grad_checkpointing
-        model.backbone.recompute_frozen_qkv = self.recompute_frozen_qkv
-        if self.return_freed_memory:
-            host_memory.return_freed_memory()
+        apply_memory_settings(
+            model.backbone,
+            grad_checkpointing=self.grad_checkpointing,
+            recompute_frozen_qkv=self.recompute_frozen_qkv,
+            return_freed_memory=self.return_freed_memory,
+        )
         trainable = [p for p in model.parameters() if p.requires_grad]
         step_model = model
         if self.group.enabled:  # only parameters that require grad are registered, so only they sync
