@@ -12,7 +12,8 @@ import platform
 from collections.abc import Sequence
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# SCPEFT_BENCH_RESULTS redirects the tables (the benchmark smoke test writes them to a temporary folder)
+RESULTS_DIR = Path(os.environ.get("SCPEFT_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def machine() -> dict[str, str]:

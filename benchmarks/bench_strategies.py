@@ -1,25 +1,28 @@
 """Training cost of every PEFT strategy relative to full fine-tuning: step time, cells/s, peak memory.
 
     python benchmarks/bench_strategies.py                       # whole-human + small, every strategy
-    python benchmarks/bench_strategies.py --sizes small --steps 5
+    python benchmarks/bench_strategies.py --sizes small --cycles 10
     python benchmarks/bench_strategies.py --strategies full lora --device cuda --bf16
 
-Each (size, strategy) runs in a fresh subprocess, so its peak memory is clean: the model is assembled
-from the composed config (`assemble`, random weights), an AdamW optimiser is built on the trainable
-parameters, then `--warmup` + `--steps` training steps (defaults: 1 + 3 at whole-human size,
-3 + 20 at small size, whose steps take ~0.2 s) run on one synthetic batch (`--batch` cells x
-`--tokens` tokens, all real, `<cls>` first) in train mode with the config's dropout:
-forward, cross-entropy on the head, backward, AdamW step (the trainer's order).
+Every strategy's model is assembled from the composed config (`assemble`, random weights) with an
+AdamW optimiser on its trainable parameters and one synthetic batch (`--batch` cells x `--tokens`
+tokens, all real, `<cls>` first). A training step is forward, cross-entropy on the head, zero_grad,
+backward, AdamW step (the trainer's order), in train mode with the config's dropout; the trainer's
+memory settings are applied as the trainer applies them.
 
-Reported per strategy: trainable parameters, model build time, median step time (of the `--steps`
-measured steps; warm-up excluded), cells/s = batch / step time, and the peak memory of the steps:
-on CPU the peak growth of the process RSS over the RSS after building model + optimiser + batch
-(`PeakMemory`, sampling /proc every 10 ms; warm-up included since it allocates gradients and the
-AdamW state), on CUDA the allocator peak (`torch.cuda.max_memory_allocated`) minus the memory
-allocated before the steps. The trainer's `return_freed_memory` setting is applied as the trainer
-applies it. Every strategy runs `--rounds` times, the order alternating between rounds so that a drift
-of the machine's speed falls on all alike; `step_time_vs_full` and `memory_vs_full` are medians of the
-ratios to full fine-tuning's run in the same round. Writes benchmarks/results/strategies_{size}.csv / .md.
+Step time is measured with every strategy built in one subprocess: `--warmup` untimed steps each,
+then `--cycles` cycles of one step of each strategy in turn, the order reversed every other cycle.
+Each step is paired with full fine-tuning's step of the same cycle, so a drift of the machine's speed
+falls on both sides of a ratio; `step_time_vs_full` is the median of those per-cycle ratios, and its
+quartiles are reported beside it. (Strategies timed in separate processes, one after another, gave
+ratios that moved by 10-25% from run to run on this 2-core machine.)
+
+Peak memory is measured with each strategy alone in a fresh subprocess (`--memory-steps` steps,
+`--memory-rounds` times, medians): on CPU the peak growth of the process RSS over the RSS after
+building model + optimiser + batch (`PeakMemory`, sampling /proc every 10 ms), and the peak of the
+bytes held by live tensors over two further steps (`LiveTensorMemory`); on CUDA the allocator peak
+(`torch.cuda.max_memory_allocated`) minus the memory allocated before the steps.
+Writes benchmarks/results/strategies_{size}.csv / .md.
 """
 
 from __future__ import annotations
@@ -45,10 +48,19 @@ sys.path.insert(0, str(HERE))
 
 SIZES = {
     # whole-human scGPT: 512-d, 12 layers, 60,697-row gene embedding (random weights)
-    "whole": {"overrides": ["backbone=scgpt", "task.n_classes=18"], "n_genes": 2000, "warmup": 1, "steps": 3, "rounds": 3},
-    # the demo backbone with pbmc68k_reduced's gene count
-    "small": {"overrides": ["backbone=scgpt_small", "task.n_classes=10"], "n_genes": 765, "warmup": 3, "steps": 20, "rounds": 7},
+    "whole": {
+        "overrides": ["backbone=scgpt", "task.n_classes=18"],
+        "n_genes": 2000,
+        **{"warmup": 1, "cycles": 4, "memory_steps": 4, "memory_rounds": 1},
+    },
+    # the demo backbone with pbmc68k_reduced's gene count; its ~0.15 s steps need many cycles
+    "small": {
+        "overrides": ["backbone=scgpt_small", "task.n_classes=10"],
+        "n_genes": 765,
+        **{"warmup": 3, "cycles": 30, "memory_steps": 10, "memory_rounds": 3},
+    },
 }
+MEASUREMENT = ("warmup", "cycles", "memory_steps", "memory_rounds")  # per size, each overridable on the command line
 
 STRATEGIES = {
     "full": ["peft=full"],
@@ -81,6 +93,7 @@ COLUMNS = [
     "peak_memory_mb",
     "live_peak_mb",
     "step_time_vs_full",
+    "step_vs_full_iqr",
     "memory_vs_full",
     "live_memory_vs_full",
     "grads_mb",
@@ -148,112 +161,136 @@ def synthetic_batch(tokenizer, genes: list[str], *, batch: int, tokens: int, n_c
     return out
 
 
-def worker(spec: dict) -> dict:
-    import contextlib
-    import io
+class Run:
+    """One strategy built for training: model, optimiser and a synthetic batch; `step()` is one timed step."""
 
-    import torch
+    def __init__(self, spec: dict):
+        import contextlib
+        import io
 
-    from scpeft_cli.assembly import assemble, parameter_counts
-    from scpeft_cli.training.resources import LiveTensorMemory, PeakMemory
-    from scpeft_cli.training.trainer import apply_memory_settings
+        import torch
 
-    torch.manual_seed(0)
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
-    device = torch.device(spec["device"])
-    cuda = device.type == "cuda"
+        from scpeft_cli.assembly import assemble, parameter_counts
+        from scpeft_cli.training.trainer import apply_memory_settings
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize(device)
+        torch.manual_seed(0)
+        self.device = torch.device(spec["device"])
+        cfg = compose_config(spec["overrides"])
+        genes = [f"G{i:05d}" for i in range(spec["n_genes"])]
+        started = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):  # the "randomly initialised" warning, once per build
+            parts = assemble(cfg, n_classes=int(cfg.task.n_classes), genes=genes)
+        self.model = parts.model.to(self.device)
+        self.task = parts.task
+        trainer_cfg = cfg.get("trainer", {})
+        checkpointing = True if spec["grad_checkpointing"] else trainer_cfg.get("grad_checkpointing", False)
+        if checkpointing and not hasattr(self.model.backbone, "gradient_checkpointing"):
+            raise SystemExit("--grad-checkpointing: this backbone has no `gradient_checkpointing` switch")
+        recompute_frozen_qkv = trainer_cfg.get("recompute_frozen_qkv", True)
+        freed_memory_returned = apply_memory_settings(  # what the trainer does with its settings
+            self.model.backbone,
+            grad_checkpointing=checkpointing,
+            recompute_frozen_qkv=recompute_frozen_qkv,
+            return_freed_memory=bool(trainer_cfg.get("return_freed_memory", False)),
+        )
+        self.sync()
+        self.build_s = time.perf_counter() - started
+        batch = synthetic_batch(
+            parts.backbone.tokenizer,
+            genes,
+            batch=spec["batch"],
+            tokens=spec["tokens"],
+            n_classes=int(cfg.task.n_classes),
+            seed=1,
+        )
+        self.batch = {k: v.to(self.device) for k, v in batch.items()}
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=1e-4)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=spec["bf16"])
+        self.model.train()
+        counts = parameter_counts(self.model)
+        self.facts = {
+            "strategy": spec["strategy"],
+            "size": spec["size"],
+            "trainable_params": int(counts["trainable_params"]),
+            "total_params": int(counts["total_params"]),
+            "trainable_pct": 100 * counts["trainable_fraction"],
+            "build_s": self.build_s,
+            "batch": spec["batch"],
+            "tokens": spec["tokens"],
+            "dropout": float(cfg.backbone.dropout),
+            "attention_dropout": float(cfg.backbone.attention_dropout),
+            "device": str(self.device),
+            "bf16": spec["bf16"],
+            "grad_checkpointing": checkpointing,
+            "recompute_frozen_qkv": recompute_frozen_qkv,
+            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", ""),
+            "return_freed_memory": freed_memory_returned,
+            "threads": torch.get_num_threads(),
+            "overrides": " ".join(spec["overrides"]),
+        }
 
-    cfg = compose_config(spec["overrides"])
-    genes = [f"G{i:05d}" for i in range(spec["n_genes"])]
-    started = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):  # the "randomly initialised" warning, once per worker
-        parts = assemble(cfg, n_classes=int(cfg.task.n_classes), genes=genes)
-    model = parts.model.to(device)
-    trainer_cfg = cfg.get("trainer", {})
-    checkpointing = True if spec["grad_checkpointing"] else trainer_cfg.get("grad_checkpointing", False)
-    if checkpointing and not hasattr(model.backbone, "gradient_checkpointing"):
-        raise SystemExit("--grad-checkpointing: this backbone has no `gradient_checkpointing` switch")
-    recompute_frozen_qkv = trainer_cfg.get("recompute_frozen_qkv", True)
-    freed_memory_returned = apply_memory_settings(  # what the trainer does with its settings
-        model.backbone,
-        grad_checkpointing=checkpointing,
-        recompute_frozen_qkv=recompute_frozen_qkv,
-        return_freed_memory=bool(trainer_cfg.get("return_freed_memory", False)),
-    )
-    sync()
-    build_s = time.perf_counter() - started
-    counts = parameter_counts(model)
+    def sync(self) -> None:
+        import torch
 
-    batch = synthetic_batch(
-        parts.backbone.tokenizer,
-        genes,
-        batch=spec["batch"],
-        tokens=spec["tokens"],
-        n_classes=int(cfg.task.n_classes),
-        seed=1,
-    )
-    batch = {k: v.to(device) for k, v in batch.items()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["bf16"])
-    model.train()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
-    def step(optimizer: torch.optim.Optimizer = optimizer) -> float:
-        sync()
+    def step(self, optimizer=None) -> float:
+        """forward, cross-entropy on the head, zero_grad, backward, AdamW step (the trainer's order); seconds"""
+        optimizer = optimizer or self.optimizer
+        self.sync()
         t0 = time.perf_counter()
-        with autocast:
-            logits, _ = model(batch)
-        loss = parts.task.loss(logits, batch["labels"])
+        with self.autocast:
+            logits, _ = self.model(self.batch)
+        loss = self.task.loss(logits, self.batch["labels"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        sync()
+        self.sync()
         return time.perf_counter() - t0
 
+
+def _set_threads(spec: dict) -> None:
+    import torch
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+
+
+def memory_worker(spec: dict) -> dict:
+    """Peak memory of `spec["steps"]` training steps of one strategy, alone in this process."""
+    import torch
+
+    from scpeft_cli.training.resources import LiveTensorMemory, PeakMemory
+
+    _set_threads(spec)
+    run = Run(spec)
+    cuda = run.device.type == "cuda"
     gc.collect()
     rss_before = _rss_bytes()
-    allocated_before = torch.cuda.memory_allocated(device) if cuda else 0
+    allocated_before = torch.cuda.memory_allocated(run.device) if cuda else 0
     hwm_ok = not cuda and _reset_hwm()
-    times = []
-    with PeakMemory(device, interval=0.01) as peak:
-        for i in range(spec["warmup"] + spec["steps"]):
-            elapsed = step()
-            if i >= spec["warmup"]:
-                times.append(elapsed)
+    with PeakMemory(run.device, interval=0.01) as peak:
+        for _ in range(spec["steps"]):
+            run.step()
     peak_mb = peak.megabytes - allocated_before / 2**20 if cuda else peak.megabytes
     hwm = _hwm_bytes() if hwm_ok else None
     if cuda:
         live_peak_mb = peak_mb
-    else:  # two more steps from the same start (no gradients, no AdamW state), profiled: not timed
-        model.zero_grad(set_to_none=True)
+    else:  # two more steps from the same start (no gradients, no AdamW state), profiled
+        run.model.zero_grad(set_to_none=True)
         gc.collect()
         with LiveTensorMemory() as live:
-            fresh = torch.optim.AdamW(trainable, lr=1e-4)
-            step(fresh)
-            step(fresh)
+            fresh = torch.optim.AdamW(run.trainable, lr=1e-4)
+            run.step(fresh)
+            run.step(fresh)
         live_peak_mb = live.peak_megabytes
-
-    grads_mb = sum(p.numel() * p.element_size() for p in trainable) / 2**20
-    state_mb = (
-        sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
-        / 2**20
-    )
-    step_s = statistics.median(times)
+    grads_mb = sum(p.numel() * p.element_size() for p in run.trainable) / 2**20
+    state = run.optimizer.state.values()
+    state_mb = sum(t.numel() * t.element_size() for s in state for t in s.values() if torch.is_tensor(t)) / 2**20
     return {
-        "strategy": spec["strategy"],
-        "size": spec["size"],
-        "trainable_params": int(counts["trainable_params"]),
-        "total_params": int(counts["total_params"]),
-        "trainable_pct": 100 * counts["trainable_fraction"],
-        "build_s": build_s,
-        "step_s": step_s,
-        "step_times_s": " ".join(f"{t:.3f}" for t in times),
-        "cells_per_s": spec["batch"] / step_s,
+        **run.facts,
         "peak_memory_mb": peak_mb,
         "memory_kind": "cuda_allocator_peak_growth" if cuda else "cpu_peak_rss_growth",
         "live_peak_mb": live_peak_mb,
@@ -262,49 +299,77 @@ def worker(spec: dict) -> dict:
         "grads_mb": grads_mb,
         "optimizer_state_mb": state_mb,
         "activations_etc_mb": peak_mb - grads_mb - state_mb,
-        "batch": spec["batch"],
-        "tokens": spec["tokens"],
-        "warmup": spec["warmup"],
-        "steps": spec["steps"],
-        "dropout": float(cfg.backbone.dropout),
-        "attention_dropout": float(cfg.backbone.attention_dropout),
-        "device": str(device),
-        "bf16": spec["bf16"],
-        "grad_checkpointing": checkpointing,
-        "recompute_frozen_qkv": recompute_frozen_qkv,
-        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", ""),
-        "return_freed_memory": freed_memory_returned,
-        "threads": torch.get_num_threads(),
-        "overrides": " ".join(spec["overrides"]),
+        "memory_steps": spec["steps"],
     }
 
 
+def timing_worker(spec: dict) -> dict:
+    """Step times of every strategy in one process, one step of each in turn per cycle (paired with full's)."""
+    _set_threads(spec)
+    runs = {
+        strategy: Run({**spec, "strategy": strategy, "overrides": overrides}) for strategy, overrides in spec["runs"]
+    }
+    for _ in range(spec["warmup"]):
+        for run in runs.values():
+            run.step()
+    times: dict[str, list[float]] = {strategy: [] for strategy in runs}
+    for cycle in range(spec["cycles"]):
+        order = list(runs) if cycle % 2 == 0 else list(runs)[::-1]
+        for strategy in order:
+            times[strategy].append(runs[strategy].step())
+    return {"times": times, "build_s": {strategy: run.build_s for strategy, run in runs.items()}}
+
+
+WORKERS = {"memory": memory_worker, "timing": timing_worker}
+
+
 # ----------------------------------------------------------------------------------------------- parent
-def combine_rounds(runs: list[dict], fulls: list[dict]) -> dict:
-    """One table row from a strategy's runs: medians over rounds, ratios paired with full's run of the same round."""
-    ok = [(run, full) for run, full in zip(runs, fulls, strict=True) if "step_s" in run and "step_s" in full]
+def combine_memory(runs: list[dict], fulls: list[dict]) -> dict:
+    """One strategy's memory figures: medians over rounds, ratios paired with full's run of the same round."""
+    ok = [
+        (run, full)
+        for run, full in zip(runs, fulls, strict=True)
+        if "peak_memory_mb" in run and "peak_memory_mb" in full
+    ]
     if not ok:
         return runs[0]
     row = dict(ok[0][0])
-    row["step_s"] = statistics.median(run["step_s"] for run, _ in ok)
     row["peak_memory_mb"] = statistics.median(run["peak_memory_mb"] for run, _ in ok)
-    row["cells_per_s"] = row["batch"] / row["step_s"]
     row["activations_etc_mb"] = row["peak_memory_mb"] - row["grads_mb"] - row["optimizer_state_mb"]
-    row["step_time_vs_full"] = statistics.median(run["step_s"] / full["step_s"] for run, full in ok)
     row["memory_vs_full"] = statistics.median(run["peak_memory_mb"] / full["peak_memory_mb"] for run, full in ok)
     row["live_peak_mb"] = statistics.median(run["live_peak_mb"] for run, _ in ok)
     row["live_memory_vs_full"] = statistics.median(run["live_peak_mb"] / full["live_peak_mb"] for run, full in ok)
-    row["rounds"] = len(ok)
-    for key in ("step_s", "peak_memory_mb", "live_peak_mb", "step_times_s", "peak_rss_hwm_growth_mb"):
+    row["memory_rounds"] = len(ok)
+    for key in ("peak_memory_mb", "live_peak_mb", "peak_rss_hwm_growth_mb"):
         row[f"{key}_by_round"] = " / ".join(str(run[key]) for run, _ in ok)
     return row
 
 
-def run_one(spec: dict, timeout: float) -> dict:
+def step_time_figures(times: dict[str, list[float]], *, batch: int) -> dict[str, dict]:
+    """Per strategy: median step time, and the median and quartiles of its per-cycle ratios to full's step."""
+    figures = {}
+    for strategy, seconds in times.items():
+        ratios = [own / full for own, full in zip(seconds, times["full"], strict=True)]
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else (ratios * 3)
+        step_s = statistics.median(seconds)
+        figures[strategy] = {
+            "step_s": step_s,
+            "cells_per_s": batch / step_s,
+            "step_time_vs_full": statistics.median(ratios),
+            "step_vs_full_q1": q1,
+            "step_vs_full_q3": q3,
+            "step_vs_full_iqr": f"{q1:.2f}-{q3:.2f}",
+            "step_times_s": " ".join(f"{t:.3f}" for t in seconds),
+        }
+    return figures
+
+
+def run_worker(mode: str, spec: dict, timeout: float) -> dict:
+    """`mode`'s worker in a fresh subprocess (clean peak memory; no state shared with earlier runs)."""
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         proc = subprocess.run(
-            [sys.executable, __file__, "--worker", json.dumps(spec), "--worker-out", out.name],
+            [sys.executable, __file__, "--worker", mode, json.dumps(spec), "--worker-out", out.name],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -312,9 +377,8 @@ def run_one(spec: dict, timeout: float) -> dict:
         )
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            raise RuntimeError(
-                f"{spec['size']}/{spec['strategy']} failed (exit {proc.returncode}): " + " | ".join(tail)
-            )
+            what = spec.get("strategy", "timing")
+            raise RuntimeError(f"{spec['size']}/{what} failed (exit {proc.returncode}): " + " | ".join(tail))
         return json.loads(Path(out.name).read_text())
 
 
@@ -326,9 +390,23 @@ def main(argv=None) -> int:
     parser.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES, choices=list(STRATEGIES))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=701, help="tokens per cell including <cls>")
-    parser.add_argument("--warmup", type=int, default=None, help="unmeasured first steps (default: whole 1, small 3)")
     parser.add_argument(
-        "--steps", type=int, default=None, help="measured steps, median reported (default: whole 3, small 20)"
+        "--warmup", type=int, default=None, help="untimed steps of each strategy (default: whole 1, small 3)"
+    )
+    parser.add_argument(
+        "--cycles",
+        type=int,
+        default=None,
+        help="timed steps of each strategy, one of each in turn (default: whole 4, small 30)",
+    )
+    parser.add_argument(
+        "--memory-steps", type=int, default=None, help="steps of each memory run (default: whole 4, small 10)"
+    )
+    parser.add_argument(
+        "--memory-rounds",
+        type=int,
+        default=None,
+        help="memory runs of each strategy, medians reported (default: whole 1, small 3)",
     )
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
@@ -342,21 +420,16 @@ def main(argv=None) -> int:
         "--override", action="append", default=[], help="extra Hydra override for every run (repeatable)"
     )
     parser.add_argument(
-        "--rounds",
-        type=int,
-        default=None,
-        help="times every strategy runs, in alternating order; the ratios to full are medians of per-round "
-        "ratios (default: whole 3, small 7, whose 0.15 s steps drift by up to 25%% between rounds)",
+        "--timeout", type=float, default=600, help="seconds per memory run, and per strategy of the timing run"
     )
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per strategy subprocess")
     parser.add_argument("--suffix", default="", help="appended to the result file names")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=2, metavar=("MODE", "SPEC"), help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
-        result = worker(json.loads(args.worker))
-        Path(args.worker_out).write_text(json.dumps(result))
+        mode, spec = args.worker
+        Path(args.worker_out).write_text(json.dumps(WORKERS[mode](json.loads(spec))))
         return 0
 
     import _common
@@ -372,71 +445,105 @@ def main(argv=None) -> int:
         strategies.remove("hf_lora")
 
     for size in args.sizes:
-        warmup = SIZES[size]["warmup"] if args.warmup is None else args.warmup
-        steps = SIZES[size]["steps"] if args.steps is None else args.steps
-        rounds = SIZES[size]["rounds"] if args.rounds is None else args.rounds
-        by_round: list[dict[str, dict]] = []
-        for round_index in range(rounds):
-            # alternate the order so that a drift of the machine's speed falls on every strategy alike
+        setting = {key: SIZES[size][key] if getattr(args, key) is None else getattr(args, key) for key in MEASUREMENT}
+        common = {
+            "size": size,
+            "n_genes": SIZES[size]["n_genes"],
+            "batch": args.batch,
+            "tokens": args.tokens,
+            "device": args.device,
+            "bf16": args.bf16,
+            "threads": args.threads,
+            "grad_checkpointing": args.grad_checkpointing,
+        }
+        overrides = {
+            strategy: SIZES[size]["overrides"] + STRATEGIES[strategy] + args.override for strategy in strategies
+        }
+
+        memory_by_round: list[dict[str, dict]] = []
+        for round_index in range(setting["memory_rounds"]):
             order = strategies if round_index % 2 == 0 else strategies[::-1]
             results = {}
             for strategy in order:
                 spec = {
-                    "size": size,
+                    **common,
                     "strategy": strategy,
-                    "n_genes": SIZES[size]["n_genes"],
-                    "overrides": SIZES[size]["overrides"] + STRATEGIES[strategy] + args.override,
-                    "batch": args.batch,
-                    "tokens": args.tokens,
-                    "warmup": warmup,
-                    "steps": steps,
-                    "device": args.device,
-                    "bf16": args.bf16,
-                    "threads": args.threads,
-                    "grad_checkpointing": args.grad_checkpointing,
+                    "overrides": overrides[strategy],
+                    "steps": setting["memory_steps"],
                 }
                 t0 = time.perf_counter()
                 try:
-                    results[strategy] = run_one(spec, args.timeout)
+                    results[strategy] = row = run_worker("memory", spec, args.timeout)
                 except (RuntimeError, subprocess.TimeoutExpired) as err:
                     print(f"  {size:>5} {strategy:<24} FAILED: {err}")
                     results[strategy] = {"strategy": strategy, "size": size, "error": str(err)[:300]}
                     continue
-                row = results[strategy]
                 print(
-                    f"  {size:>5} {strategy:<24} step {row['step_s']:.3f} s  peak {row['peak_memory_mb']:.0f} MB  "
-                    f"trainable {row['trainable_params']:,}  (round {round_index + 1}/{rounds}, "
-                    f"{time.perf_counter() - t0:.0f} s wall)",
+                    f"  {size:>5} {strategy:<24} memory: peak RSS growth {row['peak_memory_mb']:.0f} MB, live "
+                    f"{row['live_peak_mb']:.0f} MB, trainable {row['trainable_params']:,}  (round {round_index + 1}/"
+                    f"{setting['memory_rounds']}, {time.perf_counter() - t0:.0f} s wall)",
                     flush=True,
                 )
-            by_round.append(results)
-        rows = [combine_rounds([results[strategy] for results in by_round], [r["full"] for r in by_round]) for strategy in strategies]
-        first = next((r for r in rows if "step_s" in r), {})
+            memory_by_round.append(results)
+        rows = [
+            combine_memory([results[strategy] for results in memory_by_round], [r["full"] for r in memory_by_round])
+            for strategy in strategies
+        ]
+
+        timed = [strategy for strategy, row in zip(strategies, rows, strict=True) if "error" not in row]
+        if "full" in timed:
+            spec = {
+                **common,
+                "runs": [(strategy, overrides[strategy]) for strategy in timed],
+                "warmup": setting["warmup"],
+                "cycles": setting["cycles"],
+            }
+            print(
+                f"  {size:>5} timing {len(timed)} strategies in one process, {setting['cycles']} cycles ...", flush=True
+            )
+            t0 = time.perf_counter()
+            try:
+                timing = run_worker("timing", spec, args.timeout * len(timed))
+            except (RuntimeError, subprocess.TimeoutExpired) as err:
+                print(f"  {size:>5} timing FAILED: {err}")
+            else:
+                figures = step_time_figures(timing["times"], batch=args.batch)
+                for row in rows:
+                    row.update(figures.get(row["strategy"], {}))
+                    if row["strategy"] in figures:
+                        print(
+                            f"  {size:>5} {row['strategy']:<24} step {row['step_s']:.3f} s, "
+                            f"{row['step_time_vs_full']:.3f} x full (quartiles {row['step_vs_full_iqr']})"
+                        )
+                print(f"  {size:>5} timing: {time.perf_counter() - t0:.0f} s wall", flush=True)
+
+        first = next((r for r in rows if "peak_memory_mb" in r), {})
         notes = [
             f"size `{size}` ({' '.join(SIZES[size]['overrides'])}, random weights, {SIZES[size]['n_genes']} genes in the vocabulary); "
-            f"batch {args.batch} cells x {args.tokens} tokens, no padding; {warmup} warm-up + {steps} measured steps "
-            f"(median); AdamW on the trainable parameters; train mode, dropout {first.get('dropout')}, "
-            f"attention dropout {first.get('attention_dropout')}; device {args.device}{', bf16 autocast' if args.bf16 else ''}"
-            f"{', gradient checkpointing' if first.get('grad_checkpointing') else ''}",
+            f"batch {args.batch} cells x {args.tokens} tokens, no padding; AdamW on the trainable parameters; train mode, "
+            f"dropout {first.get('dropout')}, attention dropout {first.get('attention_dropout')}; device {args.device}"
+            f"{', bf16 autocast' if args.bf16 else ''}{', gradient checkpointing' if first.get('grad_checkpointing') else ''}",
+            f"step time: every strategy built in one process, {setting['warmup']} untimed step(s) each, then "
+            f"{setting['cycles']} cycles of one step of each strategy in turn (order reversed every other cycle); step_s: "
+            "median of a strategy's steps; step_time_vs_full: median of its per-cycle ratios to full fine-tuning's step "
+            "of the same cycle, step_vs_full_iqr their quartiles; cells_per_s = batch / step_s",
             "peak_memory_mb: "
             + (
                 "CUDA allocator peak during the steps minus the memory allocated before them"
                 if args.device.startswith("cuda")
-                else "peak growth of the process RSS during warm-up + steps over the RSS after building model, optimiser and batch"
+                else "peak growth of the process RSS during the steps over the RSS after building model, optimiser and batch"
             )
-            + "; grads_mb / optimizer_state_mb: fp32 gradient and AdamW state sizes; activations_etc_mb: the rest "
-            "(saved activations, temporaries, allocator slack)",
+            + f", {setting['memory_steps']} steps in a fresh process per strategy, median of {setting['memory_rounds']} "
+            "round(s) (memory_vs_full: median of the per-round ratios); grads_mb / optimizer_state_mb: fp32 gradient and "
+            "AdamW state sizes; activations_etc_mb: the rest (saved activations, temporaries, allocator slack)",
             "live_peak_mb: "
             + (
                 "the same as peak_memory_mb (the CUDA allocator counts live tensors)"
                 if args.device.startswith("cuda")
-                else "peak of the bytes held by live tensors (profiler allocation events) over two more, untimed steps "
-                "from the same start (no gradients, no AdamW state): the CPU counterpart of the CUDA allocator peak, "
-                "without the freed memory glibc keeps mapped"
+                else "peak of the bytes held by live tensors (profiler allocation events) over two more steps of the "
+                "memory run from the same start (no gradients, no AdamW state): the CPU counterpart of the CUDA "
+                "allocator peak, without the freed memory glibc keeps mapped"
             ),
-            f"every strategy ran in a fresh subprocess, {rounds} round(s) in alternating order; step_s and "
-            "peak_memory_mb are medians over rounds, step_time_vs_full and memory_vs_full medians of the per-round "
-            "ratios to full fine-tuning; "
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
         ]
         if args.override:
