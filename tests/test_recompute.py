@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from scpeft_cli.backbones.layers import TransformerLayer, run_layers
-from scpeft_cli.backbones.recompute import RecomputedProjection, recomputable
+from scpeft_cli.backbones.recompute import RecomputedProjection, normalized, recomputable
 from scpeft_cli.peft.lora import LoRALinear
 from scpeft_cli.training.resources import LiveTensorMemory
 
@@ -56,6 +56,64 @@ def test_recomputation_runs_under_the_forward_pass_autocast():
     assert not torch.equal(out, output_and_input_grad(layer, keep_qkv=False)[0])  # bf16 matmuls did run
     assert torch.equal(out, kept_out)
     assert torch.equal(grad, kept_grad)
+
+
+def frozen_stack(n_layers: int = 3, **options) -> nn.ModuleList:
+    torch.manual_seed(0)
+    layers = nn.ModuleList(TransformerLayer(D_MODEL, 4, 32, dropout=0.2, **options) for _ in range(n_layers))
+    return layers.train().requires_grad_(False)
+
+
+def stack_output_and_input_grad(layers, *, recompute: bool, autocast: bool = False):
+    x, padding_mask = inputs()
+    x.requires_grad_(True)
+    torch.manual_seed(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = run_layers(layers, x, padding_mask, recompute_frozen_qkv=recompute)
+    out.float().pow(2).sum().backward()
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_qkv_recomputed_from_layernorm_inputs_is_bit_identical_through_a_stack(norm_first, autocast):
+    layers = frozen_stack(norm_first=norm_first)
+    out, grad = stack_output_and_input_grad(layers, recompute=True, autocast=autocast)
+    kept_out, kept_grad = stack_output_and_input_grad(layers, recompute=False, autocast=autocast)
+    assert torch.equal(out, kept_out)
+    assert torch.equal(grad, kept_grad)
+
+
+def test_a_frozen_post_norm_stack_keeps_no_layer_input_for_the_recomputation():
+    """Layer 0 keeps the stack's input (held anyway); later layers keep their input's LayerNorm input (held anyway)."""
+    layers = frozen_stack()
+    x, padding_mask = inputs()
+    x.requires_grad_(True)
+
+    def held(recompute: bool) -> float:
+        with LiveTensorMemory() as memory:
+            out = run_layers(layers, x, padding_mask, recompute_frozen_qkv=recompute)
+        del out
+        return memory.end_megabytes
+
+    qkv_mb = BATCH * LENGTH * 3 * D_MODEL * 4 / 2**20
+    assert held(False) - held(True) == pytest.approx(len(layers) * qkv_mb, rel=1e-9)
+
+
+def test_layernorm_input_modified_in_place_before_backward_is_an_error():
+    norm = nn.LayerNorm(4).requires_grad_(False)
+    linear = nn.Linear(4, 12).requires_grad_(False)
+    source = torch.randn(2, 4, requires_grad=True) * 1.0
+    normed = normalized(norm, source)
+    qkv = linear(normed)
+    recomputation = RecomputedProjection(linear, normed, qkv)
+    assert recomputation.kept_input is source
+    with recomputation.hooks():
+        out = (qkv[:, :4] * qkv[:, 4:8]).sum()
+    with torch.no_grad():
+        source.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.backward()
 
 
 def held_after_forward(layer, *, keep_qkv: bool) -> float:

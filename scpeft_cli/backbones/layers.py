@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from scpeft_cli.backbones.dropout import Dropout, activation_dropout
-from scpeft_cli.backbones.recompute import RecomputedProjection, recomputable
+from scpeft_cli.backbones.recompute import RecomputedProjection, normalized, recomputable
 
 
 class SelfAttention(nn.Module):
@@ -104,13 +104,13 @@ class TransformerLayer(nn.Module):
         `keep_qkv`: attention keeps q, k, v for backward even behind a frozen projection.
         """
         if self.norm_first:
-            attended = self._attention_block(self.norm1(x), padding_mask, keep_qkv, skip)
+            attended = self._attention_block(normalized(self.norm1, x), padding_mask, keep_qkv, skip)
             x = self.scpeft_attn_adapter(x[:, skip:] + attended)
             out = x + self._feed_forward_block(self.norm2(x))
         else:
             attended = self._attention_block(x, padding_mask, keep_qkv, skip)
             x = self.scpeft_attn_adapter(self.norm1(x[:, skip:] + attended))
-            out = self.norm2(x + self._feed_forward_block(x))
+            out = normalized(self.norm2, x + self._feed_forward_block(x))
         if self.scpeft_ffn_adapter is not None:
             out = out + self.scpeft_ffn_adapter(x)
         return out

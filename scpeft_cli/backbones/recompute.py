@@ -5,6 +5,10 @@ QKV projection's output. When that projection is frozen (every prompt strategy),
 function of its input, so keeping the input (one tensor) and running the projection again when the
 backward pass asks for q, k or v gives the same values for a third of the memory. The cost is one more
 QKV matmul per layer in the backward pass, cheaper than the weight gradients full fine-tuning computes.
+
+When that input is itself a LayerNorm's output (every post-norm layer after the first, and every pre-norm
+layer), the LayerNorm's own input is what is kept instead: LayerNorm keeps it for its backward pass
+anyway, so the normalised tensor costs nothing more to keep, and it is recomputed with the projection.
 """
 
 from __future__ import annotations
@@ -25,6 +29,17 @@ def recomputable(projection: nn.Module, x: torch.Tensor) -> bool:
     )
 
 
+_NORM_INPUT = "_scpeft_norm_input"  # tensor attribute: (norm, input) of a LayerNorm output
+
+
+def normalized(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)`, marked so that a frozen projection reading it keeps `x` instead (see the module docstring)."""
+    out = norm(x)
+    if type(norm) is nn.LayerNorm and torch.is_grad_enabled() and x.requires_grad:
+        setattr(out, _NORM_INPUT, (norm, x))
+    return out
+
+
 class RecomputedProjection:
     """Saved-tensor hooks standing in for the views of `projection(x)` that autograd saves.
 
@@ -34,8 +49,8 @@ class RecomputedProjection:
 
     def __init__(self, projection: nn.Linear, x: torch.Tensor, output: torch.Tensor):
         self._projection = projection
-        self._x = x
-        self._x_version = x._version
+        self._norm, self._x = getattr(x, _NORM_INPUT, (None, x))
+        self._x_version = self._x._version
         self._storage = output.untyped_storage().data_ptr()
         self._dtype = output.dtype
         device = x.device.type
@@ -44,7 +59,7 @@ class RecomputedProjection:
 
     @property
     def kept_input(self) -> torch.Tensor:
-        """The tensor kept in place of the projection's output."""
+        """The tensor kept in place of the projection's output: its input, or that input's LayerNorm input."""
         return self._x
 
     def pack(self, tensor: torch.Tensor):
@@ -62,10 +77,13 @@ class RecomputedProjection:
 
     def _recompute(self) -> torch.Tensor:
         if self._x._version != self._x_version:
-            raise RuntimeError("the input of a frozen projection was modified in place before the backward pass")
+            raise RuntimeError(
+                "the tensor kept to recompute a frozen projection was modified in place before the backward pass"
+            )
         device, dtype, enabled = self._autocast
         with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-            output = self._projection(self._x)
+            x = self._x if self._norm is None else self._norm(self._x)
+            output = self._projection(x)
         if output.dtype != self._dtype:
             raise RuntimeError(f"recomputed projection has dtype {output.dtype}, the forward pass had {self._dtype}")
         return output
