@@ -1,5 +1,7 @@
 """Attention behind a frozen QKV projection keeps the projection's input, not q/k/v, for backward."""
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -173,3 +175,13 @@ def test_gradient_checkpointing_of_frozen_layers_gives_identical_input_gradients
         return x.grad
 
     assert torch.equal(input_grad(checkpointing), input_grad(False))
+
+
+def test_marking_a_layernorm_output_does_not_keep_the_layernorm_input_alive():
+    norm = nn.LayerNorm(4).requires_grad_(False)
+    source = torch.randn(2, 4, requires_grad=True) * 1.0
+    out = normalized(norm, source)
+    source_ref = weakref.ref(source)
+    del source
+    out.sum().backward()  # the LayerNorm's backward releases its saved input
+    assert source_ref() is None  # `out`, still alive, does not hold it

@@ -14,6 +14,7 @@ anyway, so the normalised tensor costs nothing more to keep, and it is recompute
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 from torch import nn
@@ -36,7 +37,8 @@ def normalized(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`norm(x)`, marked so that a frozen projection reading it keeps `x` instead (see the module docstring)."""
     out = norm(x)
     if type(norm) is nn.LayerNorm and torch.is_grad_enabled() and x.requires_grad:
-        setattr(out, _NORM_INPUT, (norm, x))
+        # weak: the mark must not keep `x` alive after the LayerNorm's backward pass has released it
+        setattr(out, _NORM_INPUT, (norm, weakref.ref(x)))
     return out
 
 
@@ -49,7 +51,8 @@ class RecomputedProjection:
 
     def __init__(self, projection: nn.Linear, x: torch.Tensor, output: torch.Tensor):
         self._projection = projection
-        self._norm, self._x = getattr(x, _NORM_INPUT, (None, x))
+        norm, norm_input = getattr(x, _NORM_INPUT, (None, lambda: None))
+        self._norm, self._x = (None, x) if norm_input() is None else (norm, norm_input())
         self._x_version = self._x._version
         self._storage = output.untyped_storage().data_ptr()
         self._dtype = output.dtype
