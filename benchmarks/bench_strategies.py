@@ -194,7 +194,7 @@ class Run:
             return_freed_memory=bool(trainer_cfg.get("return_freed_memory", False)),
         )
         self.sync()
-        self.build_s = time.perf_counter() - started
+        build_s = time.perf_counter() - started
         batch = synthetic_batch(
             parts.backbone.tokenizer,
             genes,
@@ -215,7 +215,7 @@ class Run:
             "trainable_params": int(counts["trainable_params"]),
             "total_params": int(counts["total_params"]),
             "trainable_pct": 100 * counts["trainable_fraction"],
-            "build_s": self.build_s,
+            "build_s": build_s,
             "batch": spec["batch"],
             "tokens": spec["tokens"],
             "dropout": float(cfg.backbone.dropout),
@@ -249,6 +249,11 @@ class Run:
         optimizer.step()
         self.sync()
         return time.perf_counter() - t0
+
+
+def alternating(items: list[str], index: int) -> list[str]:
+    """`items` in order for even `index`, reversed for odd: a drift of the machine's speed falls on all alike."""
+    return items if index % 2 == 0 else items[::-1]
 
 
 def _set_threads(spec: dict) -> None:
@@ -314,10 +319,9 @@ def timing_worker(spec: dict) -> dict:
             run.step()
     times: dict[str, list[float]] = {strategy: [] for strategy in runs}
     for cycle in range(spec["cycles"]):
-        order = list(runs) if cycle % 2 == 0 else list(runs)[::-1]
-        for strategy in order:
+        for strategy in alternating(list(runs), cycle):
             times[strategy].append(runs[strategy].step())
-    return {"times": times, "build_s": {strategy: run.build_s for strategy, run in runs.items()}}
+    return {"times": times}
 
 
 WORKERS = {"memory": memory_worker, "timing": timing_worker}
@@ -462,9 +466,8 @@ def main(argv=None) -> int:
 
         memory_by_round: list[dict[str, dict]] = []
         for round_index in range(setting["memory_rounds"]):
-            order = strategies if round_index % 2 == 0 else strategies[::-1]
             results = {}
-            for strategy in order:
+            for strategy in alternating(strategies, round_index):
                 spec = {
                     **common,
                     "strategy": strategy,

@@ -52,7 +52,8 @@ class RecomputedProjection:
     def __init__(self, projection: nn.Linear, x: torch.Tensor, output: torch.Tensor):
         self._projection = projection
         norm, norm_input = getattr(x, _NORM_INPUT, (None, lambda: None))
-        self._norm, self._x = (None, x) if norm_input() is None else (norm, norm_input())
+        norm_input = norm_input()
+        self._norm, self._x = (None, x) if norm_input is None else (norm, norm_input)
         self._x_version = self._x._version
         self._storage = output.untyped_storage().data_ptr()
         self._dtype = output.dtype
