@@ -78,8 +78,9 @@ def test_layers_followed_by_a_prompted_layer_output_only_the_cell_positions():
     assert lengths == [LENGTH, LENGTH + N_TOKENS, LENGTH, LENGTH]
 
 
-def test_gradient_checkpointing_skips_the_same_outputs():
-    layers, hook = stack(), prompts([0, 2])
+@pytest.mark.parametrize("prompted", [[0, 2], [0, 1, 2, 3]], ids=["0,2", "all"])
+def test_gradient_checkpointing_skips_the_same_outputs(prompted):
+    layers, hook = stack(), prompts(prompted)
     layers.train()
     x, padding_mask = inputs()
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from scpeft_cli.backbones import prompt_attention
 from scpeft_cli.backbones.dropout import Dropout, activation_dropout
 from scpeft_cli.backbones.recompute import RecomputedProjection, normalized, recomputable
 
@@ -37,15 +38,29 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
 
     def forward(
-        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, *, keep_qkv: bool = False, skip: int = 0
+        self,
+        x: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        *,
+        keep_qkv: bool = False,
+        prefix: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Attention outputs at positions `skip:` (every position is still a key and value).
+        """Attention outputs at the positions of `x`.
 
+        `prefix`: tokens in front of `x` that serve only as keys and values (never masked, no outputs).
         `keep_qkv`: let autograd keep q, k, v even when the projection is frozen and could recompute them.
         """
-        batch, length, d_model = x.shape
+        dropout_p = self.dropout if self.training else 0.0
+        if prefix is not None and prompt_attention.applies(self.qkv, x, prefix, dropout_p):
+            q, k, v = self._heads(self.qkv(x))
+            _, block_k, block_v = self._heads(self.qkv(prefix))
+            return self._merge_heads(prompt_attention.attention_training_block(q, k, v, block_k, block_v, padding_mask))
+        skip = 0
+        if prefix is not None:
+            skip = prefix.shape[1]
+            x, padding_mask = in_front(prefix, x, padding_mask)
         qkv = self.qkv(x)
-        q, k, v = qkv.view(batch, length, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = self._heads(qkv)
         q = q[:, :, skip:]
         attn_mask = None if padding_mask is None else ~padding_mask[:, None, None, :]
         saving = (
@@ -54,10 +69,24 @@ class SelfAttention(nn.Module):
             else RecomputedProjection(self.qkv, x, qkv).hooks()
         )
         with saving:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-            )
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length - skip, d_model))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        return self._merge_heads(out)
+
+    def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as (batch, heads, length, head_dim) views of the fused projection's output."""
+        batch, length, _ = qkv.shape
+        return qkv.view(batch, length, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+
+    def _merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+        batch, _, length, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+def in_front(prefix: torch.Tensor, x: torch.Tensor, padding_mask: torch.Tensor | None):
+    """`prefix` put in front of `x`, and never masked."""
+    if padding_mask is not None:
+        padding_mask = torch.cat([padding_mask.new_zeros(prefix.shape[:2]), padding_mask], dim=1)
+    return torch.cat([prefix, x], dim=1), padding_mask
 
 
 class TransformerLayer(nn.Module):
@@ -89,27 +118,34 @@ class TransformerLayer(nn.Module):
         self.scpeft_ffn_adapter: nn.Module | None = None
 
     def _attention_block(
-        self, x: torch.Tensor, padding_mask: torch.Tensor | None, keep_qkv: bool, skip: int
+        self, x: torch.Tensor, padding_mask: torch.Tensor | None, keep_qkv: bool, prefix: torch.Tensor | None
     ) -> torch.Tensor:
-        return self.dropout1(self.self_attn(x, padding_mask, keep_qkv=keep_qkv, skip=skip))
+        return self.dropout1(self.self_attn(x, padding_mask, keep_qkv=keep_qkv, prefix=prefix))
 
     def _feed_forward_block(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout2(self.linear2(self.activation_dropout(self.linear1(x))))
 
     def forward(
-        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, *, keep_qkv: bool = False, skip: int = 0
+        self,
+        x: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        *,
+        keep_qkv: bool = False,
+        prefix: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The layer's outputs at positions `skip:`; the first `skip` positions serve only as keys and values.
+        """The layer's outputs at the positions of `x`.
 
+        `prefix`: tokens in front of `x` that attention reads as keys and values only (deep prompts).
         `keep_qkv`: attention keeps q, k, v for backward even behind a frozen projection.
         """
         if self.norm_first:
-            attended = self._attention_block(normalized(self.norm1, x), padding_mask, keep_qkv, skip)
-            x = self.scpeft_attn_adapter(x[:, skip:] + attended)
+            prefix = None if prefix is None else self.norm1(prefix)
+            attended = self._attention_block(normalized(self.norm1, x), padding_mask, keep_qkv, prefix)
+            x = self.scpeft_attn_adapter(x + attended)
             out = x + self._feed_forward_block(self.norm2(x))
         else:
-            attended = self._attention_block(x, padding_mask, keep_qkv, skip)
-            x = self.scpeft_attn_adapter(self.norm1(x[:, skip:] + attended))
+            attended = self._attention_block(x, padding_mask, keep_qkv, prefix)
+            x = self.scpeft_attn_adapter(self.norm1(x + attended))
             out = normalized(self.norm2, x + self._feed_forward_block(x))
         if self.scpeft_ffn_adapter is not None:
             out = out + self.scpeft_ffn_adapter(x)
@@ -117,15 +153,15 @@ class TransformerLayer(nn.Module):
 
 
 class PromptHook(nn.Module):
-    """Deep-prompt insertion point: may change the sequence before each layer.
+    """Deep-prompt insertion point: prompt tokens in front of a layer's input, never masked.
 
-    `unread_outputs(index)`: how many leading positions of layer `index`'s input no later layer and not
-    the stack's output reads (prompts the next layer replaces); the layer computes no outputs there and
-    the sequence leaves it that much shorter.
+    `block(index, x)`: the prompts to put in front of layer `index`'s input `x`, or None.
+    `unread_outputs(index)`: how many leading positions of layer `index`'s input (prompts) no later layer and
+    not the stack's output reads, because the next layer puts in its own; the layer computes no outputs there.
     """
 
-    def before_layer(self, index: int, x: torch.Tensor, padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x, padding_mask
+    def block(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        return None
 
     def unread_outputs(self, index: int) -> int:
         return 0
@@ -142,6 +178,9 @@ def run_layers(
 ) -> torch.Tensor:
     """The layer stack, with the prompt hook (if any) around each layer.
 
+    Prompts whose outputs nothing reads go to the layer as its `prefix`, keys and values only, apart from
+    the cells: in the first prompted layer of a frozen backbone the cells then carry no gradient, and
+    attention trains the prompts alone (`prompt_attention`).
     `checkpointing` (training only): True for every layer, or the number of layers from the first,
     that keep no activations inside and recompute them in the backward pass: less memory for about
     one more forward pass of those layers. Dropout masks are the same in the recomputation.
@@ -151,14 +190,19 @@ def run_layers(
     """
     recomputed = len(layers) if checkpointing is True else int(checkpointing)
     for index, layer in enumerate(layers):
-        skip = 0
+        prefix = None
         if prompts is not None:
-            x, padding_mask = prompts.before_layer(index, x, padding_mask)
-            skip = prompts.unread_outputs(index)
+            block, unread = prompts.block(index, x), prompts.unread_outputs(index)
+            if block is not None and unread == block.shape[1]:
+                prefix = block
+            else:
+                if block is not None:
+                    x, padding_mask = in_front(block, x, padding_mask)
+                if unread:  # prompts carried from an earlier layer, read for the last time
+                    prefix, x, padding_mask = x[:, :unread], x[:, unread:], padding_mask[:, unread:]
         if index < recomputed and torch.is_grad_enabled():
             # the whole layer is recomputed in backward, so attention need not recompute q/k/v on its own
-            x = checkpoint(layer, x, padding_mask, keep_qkv=True, skip=skip, use_reentrant=False)
+            x = checkpoint(layer, x, padding_mask, keep_qkv=True, prefix=prefix, use_reentrant=False)
         else:
-            x = layer(x, padding_mask, keep_qkv=not recompute_frozen_qkv, skip=skip)
-        padding_mask = padding_mask[:, skip:]
+            x = layer(x, padding_mask, keep_qkv=not recompute_frozen_qkv, prefix=prefix)
     return x

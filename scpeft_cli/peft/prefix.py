@@ -38,12 +38,10 @@ class PrefixPrompts(PromptHook):
         self.n_layers = n_layers
         self.scpeft_prefix = nn.Parameter(torch.zeros(len(layers), n_tokens, d_model))
 
-    def before_layer(self, index, x, padding_mask):
+    def block(self, index, x):
         if index not in self.position:
-            return x, padding_mask
-        prompt = self.scpeft_prefix[self.position[index]].to(x.dtype).expand(x.shape[0], -1, -1)
-        visible = padding_mask.new_zeros(x.shape[0], self.n_tokens)
-        return torch.cat([prompt, x], dim=1), torch.cat([visible, padding_mask], dim=1)
+            return None
+        return self.scpeft_prefix[self.position[index]].to(x.dtype).expand(x.shape[0], -1, -1)
 
     def unread_outputs(self, index):
         carries_prompts = index >= self.layers[0]
