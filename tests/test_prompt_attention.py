@@ -69,11 +69,9 @@ def test_queries_that_need_gradients_are_refused():
 D_MODEL, N_LAYERS, N_TOKENS = 16, 3, 2
 
 
-def frozen_stack(attention_dropout: float = 0.0) -> nn.ModuleList:
+def frozen_stack(**options) -> nn.ModuleList:
     torch.manual_seed(0)
-    layers = nn.ModuleList(
-        TransformerLayer(D_MODEL, 4, 24, dropout=0.0, attention_dropout=attention_dropout) for _ in range(N_LAYERS)
-    )
+    layers = nn.ModuleList(TransformerLayer(D_MODEL, 4, 24, dropout=0.0, **options) for _ in range(N_LAYERS))
     return layers.requires_grad_(False)
 
 
@@ -94,22 +92,28 @@ def stack_inputs():
     return x, padding_mask
 
 
-def test_first_prompted_layer_of_a_frozen_stack_runs_no_generic_attention_backward():
-    layers, hook = frozen_stack(), PrefixPrompts(list(range(N_LAYERS)), N_TOKENS, D_MODEL, n_layers=N_LAYERS)
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_first_prompted_layer_of_a_frozen_stack_runs_no_generic_attention_backward(norm_first):
+    layers, hook = frozen_stack(norm_first=norm_first), PrefixPrompts(list(range(N_LAYERS)), N_TOKENS, D_MODEL, n_layers=N_LAYERS)
     x, padding_mask = stack_inputs()
     assert attention_backward_passes(layers, x, padding_mask, hook) == (N_LAYERS - 1, 1)
     assert hook.scpeft_prefix.grad[0].abs().sum() > 0  # layer 0's prompts still get their gradient
 
 
-@pytest.mark.parametrize("case", ["cells need gradients", "trainable projection", "attention dropout"])
+@pytest.mark.parametrize(
+    "case", ["cells need gradients", "trainable projection", "trainable pre-norm", "attention dropout"]
+)
 def test_the_generic_backward_runs_wherever_more_than_the_prompts_train(case):
-    layers = frozen_stack(attention_dropout=0.1 if case == "attention dropout" else 0.0).train()
+    options = {"attention_dropout": 0.1} if case == "attention dropout" else {}
+    layers = frozen_stack(norm_first=case == "trainable pre-norm", **options).train()
     hook = PrefixPrompts(list(range(N_LAYERS)), N_TOKENS, D_MODEL, n_layers=N_LAYERS)
     x, padding_mask = stack_inputs()
     if case == "cells need gradients":  # e.g. a token prompt on the embedding
         x.requires_grad_()
     if case == "trainable projection":  # e.g. LoRA on the fused QKV projection
         layers[0].self_attn.qkv.requires_grad_()
+    if case == "trainable pre-norm":  # the LayerNorm before the projection
+        layers[0].norm1.requires_grad_()
     generic, block_only = attention_backward_passes(layers, x, padding_mask, hook)
     # attention dropout runs the unfused kernel, whose backward is no flash backward
     assert (generic, block_only) == (0 if case == "attention dropout" else N_LAYERS, 0)

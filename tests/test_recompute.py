@@ -118,11 +118,11 @@ def test_layernorm_input_modified_in_place_before_backward_is_an_error():
         out.backward()
 
 
-def held_after_forward(layer, *, keep_qkv: bool) -> float:
+def held_after_forward(layer, *, keep_qkv: bool, prefix: torch.Tensor | None = None) -> float:
     x, padding_mask = inputs()
     x.requires_grad_(True)
     with LiveTensorMemory() as memory:
-        out = layer(x, padding_mask, keep_qkv=keep_qkv)
+        out = layer(x, padding_mask, keep_qkv=keep_qkv, prefix=prefix)
     del out
     return memory.end_megabytes
 
@@ -131,6 +131,15 @@ def test_frozen_attention_keeps_exactly_the_qkv_output_less():
     layer = frozen_layer()
     qkv_mb = BATCH * LENGTH * 3 * D_MODEL * 4 / 2**20
     saved = held_after_forward(layer, keep_qkv=True) - held_after_forward(layer, keep_qkv=False)
+    assert saved == pytest.approx(qkv_mb, rel=1e-9)
+
+
+def test_prompted_pre_norm_attention_recomputes_from_what_its_layernorm_keeps():
+    """Prompts and cells are normalised together, so the LayerNorm's own input serves the recomputation."""
+    layer = frozen_layer(norm_first=True)
+    prefix = torch.randn(BATCH, 2, D_MODEL, requires_grad=True)
+    qkv_mb = BATCH * (2 + LENGTH) * 3 * D_MODEL * 4 / 2**20
+    saved = held_after_forward(layer, keep_qkv=True, prefix=prefix) - held_after_forward(layer, keep_qkv=False, prefix=prefix)
     assert saved == pytest.approx(qkv_mb, rel=1e-9)
 
 

@@ -44,14 +44,20 @@ class SelfAttention(nn.Module):
         *,
         keep_qkv: bool = False,
         prefix: torch.Tensor | None = None,
+        norm: nn.Module | None = None,
     ) -> torch.Tensor:
         """Attention outputs at the positions of `x`.
 
         `prefix`: tokens in front of `x` that serve only as keys and values (never masked, no outputs).
+        `norm`: normalisation of prefix and `x` before the projection (pre-norm layers), applied to both
+        at once so that a frozen projection recomputes q/k/v from the input the norm keeps anyway.
         `keep_qkv`: let autograd keep q, k, v even when the projection is frozen and could recompute them.
         """
         dropout_p = self.dropout if self.training else 0.0
-        if prefix is not None and prompt_attention.applies(self.qkv, x, prefix, dropout_p):
+        frozen = [self.qkv] if norm is None else [norm, self.qkv]
+        if prefix is not None and prompt_attention.applies(frozen, x, prefix, dropout_p):
+            if norm is not None:
+                x, prefix = norm(x), norm(prefix)
             q, k, v = self._heads(self.qkv(x))
             _, block_k, block_v = self._heads(self.qkv(prefix))
             return self._merge_heads(prompt_attention.attention_training_block(q, k, v, block_k, block_v, padding_mask))
@@ -59,6 +65,8 @@ class SelfAttention(nn.Module):
         if prefix is not None:
             skip = prefix.shape[1]
             x, padding_mask = in_front(prefix, x, padding_mask)
+        if norm is not None:
+            x = normalized(norm, x)
         qkv = self.qkv(x)
         q, k, v = self._heads(qkv)
         q = q[:, :, skip:]
@@ -120,7 +128,8 @@ class TransformerLayer(nn.Module):
     def _attention_block(
         self, x: torch.Tensor, padding_mask: torch.Tensor | None, keep_qkv: bool, prefix: torch.Tensor | None
     ) -> torch.Tensor:
-        return self.dropout1(self.self_attn(x, padding_mask, keep_qkv=keep_qkv, prefix=prefix))
+        norm = self.norm1 if self.norm_first else None
+        return self.dropout1(self.self_attn(x, padding_mask, keep_qkv=keep_qkv, prefix=prefix, norm=norm))
 
     def _feed_forward_block(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout2(self.linear2(self.activation_dropout(self.linear1(x))))
@@ -139,8 +148,7 @@ class TransformerLayer(nn.Module):
         `keep_qkv`: attention keeps q, k, v for backward even behind a frozen projection.
         """
         if self.norm_first:
-            prefix = None if prefix is None else self.norm1(prefix)
-            attended = self._attention_block(normalized(self.norm1, x), padding_mask, keep_qkv, prefix)
+            attended = self._attention_block(x, padding_mask, keep_qkv, prefix)
             x = self.scpeft_attn_adapter(x + attended)
             out = x + self._feed_forward_block(self.norm2(x))
         else:

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 
-def applies(projection: nn.Module, x: torch.Tensor, block: torch.Tensor, dropout_p: float) -> bool:
-    """Whether only `block` trains: the queries, keys and values that `projection` makes of `x` are constants.
+def applies(modules: list[nn.Module], x: torch.Tensor, block: torch.Tensor, dropout_p: float) -> bool:
+    """Whether only `block` trains: the queries, keys and values that `modules` (norm, projection) make of `x`
+    are constants.
 
     Decided before projecting, so that the generic path can still project block and sequence together.
     """
@@ -30,7 +31,7 @@ def applies(projection: nn.Module, x: torch.Tensor, block: torch.Tensor, dropout
         and dropout_p == 0.0
         and block.requires_grad
         and not x.requires_grad
-        and not any(p.requires_grad for p in projection.parameters())
+        and not any(p.requires_grad for module in modules for p in module.parameters())
     )
 
 
