@@ -94,7 +94,8 @@ def stack_inputs():
 
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
 def test_first_prompted_layer_of_a_frozen_stack_runs_no_generic_attention_backward(norm_first):
-    layers, hook = frozen_stack(norm_first=norm_first), PrefixPrompts(list(range(N_LAYERS)), N_TOKENS, D_MODEL, n_layers=N_LAYERS)
+    layers = frozen_stack(norm_first=norm_first)
+    hook = PrefixPrompts(list(range(N_LAYERS)), N_TOKENS, D_MODEL, n_layers=N_LAYERS)
     x, padding_mask = stack_inputs()
     assert attention_backward_passes(layers, x, padding_mask, hook) == (N_LAYERS - 1, 1)
     assert hook.scpeft_prefix.grad[0].abs().sum() > 0  # layer 0's prompts still get their gradient

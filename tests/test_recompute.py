@@ -139,7 +139,8 @@ def test_prompted_pre_norm_attention_recomputes_from_what_its_layernorm_keeps():
     layer = frozen_layer(norm_first=True)
     prefix = torch.randn(BATCH, 2, D_MODEL, requires_grad=True)
     qkv_mb = BATCH * (2 + LENGTH) * 3 * D_MODEL * 4 / 2**20
-    saved = held_after_forward(layer, keep_qkv=True, prefix=prefix) - held_after_forward(layer, keep_qkv=False, prefix=prefix)
+    kept = held_after_forward(layer, keep_qkv=True, prefix=prefix)
+    saved = kept - held_after_forward(layer, keep_qkv=False, prefix=prefix)
     assert saved == pytest.approx(qkv_mb, rel=1e-9)
 
 
