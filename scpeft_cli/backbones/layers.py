@@ -93,7 +93,7 @@ class SelfAttention(nn.Module):
 def in_front(prefix: torch.Tensor, x: torch.Tensor, padding_mask: torch.Tensor | None):
     """`prefix` put in front of `x`, and never masked."""
     if padding_mask is not None:
-        padding_mask = torch.cat([padding_mask.new_zeros(prefix.shape[:2]), padding_mask], dim=1)
+        padding_mask = prompt_attention.with_prompts_visible(padding_mask, prefix.shape[1])
     return torch.cat([prefix, x], dim=1), padding_mask
 
 

@@ -35,6 +35,11 @@ def applies(modules: list[nn.Module], x: torch.Tensor, block: torch.Tensor, drop
     )
 
 
+def with_prompts_visible(padding_mask: torch.Tensor, n_prompts: int) -> torch.Tensor:
+    """The key padding mask of `n_prompts` prompt tokens put in front of the cells: prompts are never masked."""
+    return torch.cat([padding_mask.new_zeros(padding_mask.shape[0], n_prompts), padding_mask], dim=1)
+
+
 def attention_training_block(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -52,8 +57,7 @@ def attention_training_block(
         raise ValueError("attention_training_block needs constant queries, keys and values outside the block")
     mask = None
     if padding_mask is not None:
-        visible = padding_mask.new_zeros(padding_mask.shape[0], block_k.shape[2])
-        hidden = torch.cat([visible, padding_mask], dim=1)[:, None, None, :]
+        hidden = with_prompts_visible(padding_mask, block_k.shape[2])[:, None, None, :]
         # the additive mask scaled_dot_product_attention makes of a boolean one
         mask = torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill_(hidden, float("-inf"))
     return _BlockTrainedAttention.apply(q, k, v, block_k, block_v, mask)
