@@ -26,6 +26,8 @@ from unittest import mock
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_strategies.py
 
+import anndata
+import pandas as pd
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -115,7 +117,7 @@ def main(argv=None) -> int:
     for strategy in args.strategies:
         cfg = compose_config(SIZES[args.size]["overrides"] + STRATEGIES[strategy] + args.override)
         with contextlib.redirect_stdout(io.StringIO()):
-            parts = assemble(cfg, n_classes=int(cfg.task.n_classes), genes=genes)
+            parts = assemble(cfg, n_classes=int(cfg.task.n_classes), cells=anndata.AnnData(var=pd.DataFrame(index=genes)))
         model = parts.model.train()
         batch = synthetic_batch(
             parts.backbone.tokenizer,

@@ -168,10 +168,11 @@ class Run:
         import contextlib
         import io
 
+        import anndata
+        import pandas as pd
         import torch
 
         from scpeft_cli.assembly import assemble, parameter_counts
-        from scpeft_cli.training.trainer import apply_memory_settings
 
         torch.manual_seed(0)
         self.device = torch.device(spec["device"])
@@ -179,19 +180,14 @@ class Run:
         genes = [f"G{i:05d}" for i in range(spec["n_genes"])]
         started = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):  # the "randomly initialised" warning, once per build
-            parts = assemble(cfg, n_classes=int(cfg.task.n_classes), genes=genes)
+            parts = assemble(cfg, n_classes=int(cfg.task.n_classes), cells=anndata.AnnData(var=pd.DataFrame(index=genes)))
         self.model = parts.model.to(self.device)
         self.task = parts.task
         trainer_cfg = cfg.get("trainer", {})
         checkpointing = True if spec["grad_checkpointing"] else trainer_cfg.get("grad_checkpointing", False)
-        if checkpointing and not hasattr(self.model.backbone, "gradient_checkpointing"):
-            raise SystemExit("--grad-checkpointing: this backbone has no `gradient_checkpointing` switch")
         recompute_frozen_qkv = trainer_cfg.get("recompute_frozen_qkv", True)
-        freed_memory_returned = apply_memory_settings(  # what the trainer does with its settings
-            self.model.backbone,
-            grad_checkpointing=checkpointing,
-            recompute_frozen_qkv=recompute_frozen_qkv,
-            return_freed_memory=bool(trainer_cfg.get("return_freed_memory", False)),
+        self.model.backbone.set_memory_options(  # what the trainer does with its settings
+            grad_checkpointing=checkpointing, recompute_frozen_qkv=recompute_frozen_qkv
         )
         self.sync()
         build_s = time.perf_counter() - started
@@ -225,7 +221,6 @@ class Run:
             "grad_checkpointing": checkpointing,
             "recompute_frozen_qkv": recompute_frozen_qkv,
             "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", ""),
-            "return_freed_memory": freed_memory_returned,
             "threads": torch.get_num_threads(),
             "overrides": " ".join(spec["overrides"]),
         }
@@ -266,8 +261,9 @@ def _set_threads(spec: dict) -> None:
 def memory_worker(spec: dict) -> dict:
     """Peak memory of `spec["steps"]` training steps of one strategy, alone in this process."""
     import torch
+    from live_memory import LiveTensorMemory
 
-    from scpeft_cli.training.resources import LiveTensorMemory, PeakMemory
+    from scpeft_cli.training.resources import PeakMemory
 
     _set_threads(spec)
     run = Run(spec)

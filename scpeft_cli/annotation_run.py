@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from scpeft_cli import artifacts
@@ -21,7 +22,7 @@ from scpeft_cli.instantiate import instantiate
 from scpeft_cli.peft.persistence import TRAINING_GENES_FILE, save_adapter
 from scpeft_cli.tasks.baselines import knn_reference_mapping, pca_logreg
 from scpeft_cli.tasks.embedding_quality import label_silhouette, plot_umap
-from scpeft_cli.tokenizers.cache import tokenize_cached
+from scpeft_cli.tokenizers.cache import tokenize_cells
 from scpeft_cli.training.checkpoint import CHECKPOINT_FILE
 from scpeft_cli.training.distributed import leave
 from scpeft_cli.training.loaders import CellTokens, make_loader
@@ -114,6 +115,18 @@ def _changed_keys(before: DictConfig, after: DictConfig, prefix: str = "") -> li
     return changed
 
 
+def strategy_option(cfg: DictConfig) -> str:
+    """The `peft=` option the user chose (e.g. head_only; combo:token_prompt+encoder_prompt), as typed."""
+    try:
+        choice = HydraConfig.get().runtime.choices.get("peft")
+    except ValueError:  # not inside a Hydra app (tests composing configs)
+        choice = None
+    choice = choice or str(cfg.peft._target_).rsplit(".", 1)[-1]
+    if cfg.peft.get("parts"):
+        choice = f"{choice}:{'+'.join(cfg.peft.parts)}"
+    return choice
+
+
 def run_annotation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train and evaluate one configuration; `metrics.json` is written last, so it marks a finished run."""
     seed_everything(cfg.seed)
@@ -123,8 +136,8 @@ def run_annotation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     trainer: Trainer = instantiate(cfg.trainer)  # settings are checked before any data is read
     strategy = instantiate(cfg.peft)
     cells = load_labelled_cells(cfg)
-    backbone = build_backbone(cfg, genes=cells.adata.var_names)
-    tokens = tokenize_cached(backbone.tokenizer, cells.adata.X, cells.adata.var_names, seed=cfg.seed, cache_dir=cfg.cache_dir)
+    backbone = build_backbone(cfg, cells=cells.adata[cells.index["train"]])
+    tokens = tokenize_cells(backbone.tokenizer, cells.adata, seed=cfg.seed, cache_dir=cfg.cache_dir)
     info(f"tokenised {len(tokens)} cells: median {int(np.median(tokens.lengths))} tokens, max {tokens.lengths.max()}")
 
     def loader(split: str | np.ndarray, *, train: bool = False):
@@ -166,8 +179,8 @@ def run_annotation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     test = evaluations["test"]
 
     adapter_bytes = _save_adapter(cfg, parts, cells.classes, list(cells.adata.var_names), run_dir)
-    _write_tables(run_dir, cells, evaluations, parts, fit.history, title=f"{cfg.backbone.name} / {parts.strategy.name}")
-    quality = _embedding_quality(cfg, cells, frozen, test, run_dir, title=f"{cfg.backbone.name} / {parts.strategy.name}")
+    _write_tables(run_dir, cells, evaluations, parts, fit.history, title=f"{cfg.backbone.name} / {strategy_option(cfg)}")
+    quality = _embedding_quality(cfg, cells, frozen, test, run_dir, title=f"{cfg.backbone.name} / {strategy_option(cfg)}")
     metrics = {
         **parts.task.metrics(test.labels, test.predictions, len(cells.classes)),
         "test_loss": test.loss,
@@ -189,7 +202,7 @@ def run_annotation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "pretrained": parts.backbone.pretrained,
         "backbone": cfg.backbone.name,
         "checkpoint": parts.backbone.checkpoint,
-        "peft": parts.strategy.name,
+        "peft": strategy_option(cfg),
         "monitor": trainer.monitor,
         "seed": cfg.seed,
         "device": str(trainer.device),
@@ -207,6 +220,7 @@ def _save_adapter(cfg: DictConfig, parts: Assembly, classes: list[str], genes: l
     config = {
         "backbone": {**OmegaConf.to_container(cfg.backbone, resolve=True), "checkpoint": parts.backbone.checkpoint},
         "peft": OmegaConf.to_container(cfg.peft, resolve=True),
+        "peft_option": strategy_option(cfg),
         "task": OmegaConf.to_container(cfg.task, resolve=True),
         "seed": cfg.seed,
         "classes": classes,
@@ -215,8 +229,8 @@ def _save_adapter(cfg: DictConfig, parts: Assembly, classes: list[str], genes: l
     size = save_adapter(parts.model, run_dir / "adapter", config=config)
     if cfg.data.get("n_top_genes"):  # the model saw only these genes: new data must be restricted alike
         artifacts.write_text(run_dir / "adapter" / TRAINING_GENES_FILE, "\n".join(genes) + "\n")
-    if not parts.backbone.pretrained:  # a random backbone's vocabulary came from the data: keep it
-        parts.backbone.tokenizer.vocab.to_json(run_dir / "adapter" / "vocab.json")
+    if not parts.backbone.pretrained:  # a random backbone's gene tables came from the data: keep them
+        parts.backbone.tokenizer.save(run_dir / "adapter")
     return size
 
 

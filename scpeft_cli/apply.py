@@ -20,7 +20,7 @@ from torch import nn
 from scpeft_cli.console import info
 from scpeft_cli.errors import UserError
 from scpeft_cli.peft.persistence import TRAINING_GENES_FILE
-from scpeft_cli.tokenizers.scgpt import TokenizedCells
+from scpeft_cli.tokenizers.base import TokenizedCells
 from scpeft_cli.training.loaders import CellTokens, make_loader
 from scpeft_cli.training.runtime import Runtime
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from scpeft_cli.peft.base import Strategy
 from scpeft_cli.peft.model import PeftModel
 from scpeft_cli.peft.persistence import load_adapter, read_adapter_config
 from scpeft_cli.tasks.annotation import AnnotationTask
-from scpeft_cli.tokenizers.vocab import SPECIAL_TOKENS, GeneVocab
 
 
 def seed_everything(seed: int) -> None:
@@ -35,10 +33,19 @@ class Assembly:
     model: PeftModel
 
 
-def build_backbone(cfg: DictConfig, *, genes: Sequence[str] | None) -> LoadedBackbone:
-    """The backbone alone (weights loaded, or seeded random), before any strategy touches it."""
+def build_backbone(cfg: DictConfig, *, cells=None, saved: Path | None = None) -> LoadedBackbone:
+    """The backbone alone (weights loaded, or seeded random), before any strategy touches it.
+
+    `cells`: the training cells a random backbone builds its gene tables from; `saved`: a trained run's
+    adapter folder holding those tables (see `backbones/base.py`).
+    """
     info(f"building backbone '{cfg.backbone.name}'")
-    return instantiate(cfg.backbone, seed=cfg.seed, genes=list(genes) if genes is not None else None)
+    return instantiate(cfg.backbone, seed=cfg.seed, cells=cells, saved=saved)
+
+
+def read_vocabulary(cfg: DictConfig):
+    """The checkpoint's gene vocabulary without reading weights; None for a random backbone."""
+    return instantiate(cfg.backbone, seed=cfg.seed, vocab_only=True)
 
 
 def attach(cfg: DictConfig, backbone: LoadedBackbone, *, n_classes: int, strategy: Strategy | None = None) -> Assembly:
@@ -52,11 +59,11 @@ def attach(cfg: DictConfig, backbone: LoadedBackbone, *, n_classes: int, strateg
     return Assembly(backbone=backbone, strategy=strategy, task=task, model=model)
 
 
-def assemble(cfg: DictConfig | dict, *, n_classes: int, genes: Sequence[str] | None) -> Assembly:
+def assemble(cfg: DictConfig | dict, *, n_classes: int, cells=None, saved: Path | None = None) -> Assembly:
     """Backbone, strategy, task head and the combined model from `backbone`, `peft`, `task`, `seed`
     (a run's config or a saved adapter's)."""
     cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-    return attach(cfg, build_backbone(cfg, genes=genes), n_classes=n_classes)
+    return attach(cfg, build_backbone(cfg, cells=cells, saved=saved), n_classes=n_classes)
 
 
 def load_trained(adapter_dir: str | Path) -> tuple[Assembly, dict]:
@@ -64,11 +71,7 @@ def load_trained(adapter_dir: str | Path) -> tuple[Assembly, dict]:
     random weights and vocabulary), same strategy and head, trained tensors loaded exactly."""
     adapter_dir = Path(adapter_dir)
     saved = read_adapter_config(adapter_dir)
-    vocab_file = adapter_dir / "vocab.json"
-    genes = None
-    if vocab_file.is_file():
-        genes = [g for g in GeneVocab.from_json(vocab_file).token_to_id if g not in SPECIAL_TOKENS]
-    parts = assemble(saved, n_classes=len(saved["classes"]), genes=genes)
+    parts = assemble(saved, n_classes=len(saved["classes"]), saved=adapter_dir)
     load_adapter(parts.model, adapter_dir)
     return parts, saved
 

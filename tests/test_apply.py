@@ -42,7 +42,7 @@ def test_predict_writes_a_new_annotated_file_matching_the_run(trained, tmp_path)
     assert {"scpeft_label", "scpeft_confidence"} <= set(result.obs.columns)
     assert result.obsm["X_scpeft"].shape[0] == result.n_obs
     assert result.uns["scpeft"]["gene_overlap"]["fraction"] == 1.0
-    assert result.uns["scpeft"]["strategy"] == "LoRA"
+    assert result.uns["scpeft"]["strategy"] == "lora"  # the peft= option, as the user typed it
     run_predictions = pd.read_csv(run_dir / "predictions.csv").set_index("cell_id")
     test = run_predictions[run_predictions["split"] == "test"]
     assert (result.obs.loc[test.index, "scpeft_label"].astype(str) == test["prediction"]).all()

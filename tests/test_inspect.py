@@ -177,16 +177,22 @@ def test_check_split_turns_the_split_error_into_a_problem():
     assert not result.ok and result.problems[0].startswith("split: ")
 
 
-def test_read_checkpoint_vocab_names_the_missing_file(tmp_path):
+def test_the_checkpoint_vocabulary_is_read_without_weights_and_names_what_is_missing(tmp_path, compose_config):
+    from scpeft_cli.assembly import read_vocabulary
     from scpeft_cli.errors import UserError
 
-    with pytest.raises(UserError, match="vocab.json"):
-        preflight.read_checkpoint_vocab(tmp_path)
+    def vocabulary(folder):
+        return read_vocabulary(compose_config(["backbone=scgpt", f"backbone.checkpoint={folder}"]))
+
+    tmp_path.joinpath("empty").mkdir()
+    with pytest.raises(UserError, match="lacks best_model.pt, vocab.json, args.json"):
+        vocabulary(tmp_path / "empty")
     with pytest.raises(UserError, match="not found"):
-        preflight.read_checkpoint_vocab(tmp_path / "absent")
-    write_checkpoint(tmp_path / "ckpt")
-    assert preflight.read_checkpoint_vocab(tmp_path / "ckpt").token_to_id["GENE1"] == 0
-    assert preflight.missing_checkpoint_files(tmp_path / "ckpt") == []
+        vocabulary(tmp_path / "absent")
+    folder = write_checkpoint(tmp_path / "ckpt")
+    (folder / "best_model.pt").write_bytes(b"never read")  # inspect reads no weights
+    assert vocabulary(folder).token_to_id["GENE1"] == 0
+    assert read_vocabulary(compose_config(["backbone=scgpt"])) is None  # random: the data's genes
 
 
 # ------------------------------------------------------------------------------------------ the CLI

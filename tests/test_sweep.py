@@ -40,7 +40,7 @@ def test_every_strategy_trains_and_writes_a_small_adapter(sweep_dir):
 
 
 def test_reloaded_adapter_reproduces_the_test_predictions(sweep_dir):
-    job = next(d for name, d in job_metrics(sweep_dir).items() if name == "LoRA")
+    job = next(d for name, d in job_metrics(sweep_dir).items() if name == "lora")
     parts, saved = load_trained(job / "adapter")
     adata = load_pbmc68k_reduced()
     predictions = pd.read_csv(job / "predictions.csv")
@@ -50,7 +50,7 @@ def test_reloaded_adapter_reproduces_the_test_predictions(sweep_dir):
     labels = np.asarray(adata.obs["label"].cat.codes)
     loader = make_loader(CellTokens(tokens, labels, index), parts.backbone.tokenizer.collate, batch_size=64, shuffle=False, seed=0)
     trainer = Trainer(
-        optimizer=None, scheduler=None, lr=1.0, max_epochs=0, max_steps=None, batch_size=1, eval_batch_size=64,
+        optimizer=None, scheduler=None, lr=1.0, max_epochs=1, max_steps=None, batch_size=1, eval_batch_size=64,
         grad_clip=None, patience=None, monitor="val_loss", precision="fp32", device="cpu",
         class_weighted_loss=False, balanced_sampler=False, num_workers=0,
     )

@@ -37,7 +37,7 @@ def test_metrics_are_complete_and_flag_the_random_backbone(head_only_run):
     assert METRIC_KEYS <= set(metrics)
     assert metrics["pretrained"] is False and "RANDOMLY INITIALISED" in result.stdout
     assert metrics["n_train"] + metrics["n_val"] + metrics["n_test"] == 700
-    assert metrics["n_classes"] == 10 and metrics["peft"] == "HeadOnly" and metrics["seed"] == 0
+    assert metrics["n_classes"] == 10 and metrics["peft"] == "head_only" and metrics["seed"] == 0
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
     csv = pd.read_csv(run_dir / "metrics.csv")
     assert csv.loc[0, "macro_f1"] == pytest.approx(metrics["macro_f1"])

@@ -5,11 +5,12 @@ import pytest
 import torch
 from torch import nn
 
+from scpeft_cli.backbones.base import Backbone
 from scpeft_cli.errors import UserError
 from scpeft_cli.peft.finetune import FullFineTuning
 from scpeft_cli.peft.model import PeftModel
 from scpeft_cli.tasks.annotation import AnnotationTask
-from scpeft_cli.tokenizers.scgpt import TokenizedCells
+from scpeft_cli.tokenizers.base import TokenizedCells
 from scpeft_cli.training.loaders import CellTokens, make_loader
 from scpeft_cli.training.trainer import Trainer
 
@@ -25,12 +26,13 @@ def collate(cells):
     return {"gene_ids": ids, "values": torch.tensor(np.stack([c[1] for c in cells])), "padding_mask": ids < 0}
 
 
-class ToyBackbone(nn.Module):
+class ToyBackbone(Backbone):
     d_model = 8
 
     def __init__(self):
         super().__init__()
         self.embedding = nn.Embedding(7, 8)
+        self.layers = nn.ModuleList()
 
     def forward(self, batch):
         return self.embedding(batch["gene_ids"])

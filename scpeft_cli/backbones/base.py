@@ -1,15 +1,112 @@
-"""What every backbone family hands to the rest of the tool, and the one exact weight-loading rule."""
+"""The backbone contract: what every backbone family hands to strategies, tasks and the trainer.
+
+A backbone family is one module (or folder) with
+- a module class deriving from `Backbone` (below): `d_model`, the layer stack, `embed(batch)`,
+  `forward(batch) -> token states`, `cell_embedding(states, batch)`, the insertion points it offers;
+- a builder function named by its YAML's `_target_`, called as
+  `builder(**yaml_settings, seed=, cells=, saved=, vocab_only=False)`:
+  `cells` (an AnnData of training cells, or None) is what a random backbone builds its gene tables
+  from; `saved` is a trained run's `adapter/` folder holding the tables its tokenizer saved
+  (`tokenizer.save`); `vocab_only=True` returns only the checkpoint's gene vocabulary (None for a
+  random backbone), reading no weights. Otherwise it returns a `LoadedBackbone`.
+"""
 
 from __future__ import annotations
 
+import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from scpeft_cli.backbones.layers import PromptHook, run_layers
 from scpeft_cli.errors import UserError
+
+# What a backbone may offer beyond the layer stack (the shared TransformerLayer's adapter slots and
+# Linear layers, which every backbone has):
+#   token_adapter       an `scpeft_adapter` slot on the token embedding (`token_embedding_adapter_owner`)
+#   prompts             the `scpeft_prompts` deep-prompt hook around each layer
+#   grad_checkpointing  recomputing layer activations in backward (trainer.grad_checkpointing)
+#   recompute_frozen_qkv  recomputing q/k/v behind a frozen projection (trainer.recompute_frozen_qkv)
+FEATURES = ("token_adapter", "prompts", "grad_checkpointing", "recompute_frozen_qkv")
+
+
+class DataNeeded(UserError):
+    """A random backbone whose size depends on the data's genes was built without data."""
+
+
+class Backbone(nn.Module):
+    """Base of every backbone module: token states through the shared layer stack, insertion points.
+
+    Subclasses set `d_model` and `layers` (every layer of the checkpoint) and implement `embed` and
+    `cell_embedding`; `depth` < len(layers) runs only the first `depth` layers (the embedding reads an
+    earlier layer), and the later ones then train nothing.
+    """
+
+    family = "backbone"
+    supports: frozenset[str] = frozenset(FEATURES)
+    token_adapter_placement = "the token embedding"  # where the token-prompt adapter sits, in words
+    zero_shot_l2_normalized = False  # whether the family's own zero-shot embeddings are L2-normalised (`scpeft embed`)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scpeft_prompts: PromptHook | None = None
+        self.gradient_checkpointing: bool | int = False
+        self.recompute_frozen_qkv = True
+        self.depth: int | None = None
+
+    # ------------------------------------------------------------------------------- computation
+    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Token embeddings (batch, length, d_model) entering the first layer."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Token states of the last layer run (`active_layers`), padding included."""
+        return run_layers(
+            self.active_layers, self.embed(batch), batch["padding_mask"], self.scpeft_prompts,
+            checkpointing=self.gradient_checkpointing if self.training else False,
+            recompute_frozen_qkv=self.recompute_frozen_qkv,
+        )
+
+    def cell_embedding(self, states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One vector per cell (batch, d_model) from `forward`'s token states."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------- insertion points
+    @property
+    def active_layers(self) -> nn.ModuleList:
+        """The layers `forward` runs: the ones strategies may adapt."""
+        return self.layers if self.depth is None else self.layers[: self.depth]
+
+    @property
+    def token_embedding_adapter_owner(self) -> nn.Module:
+        """The module whose `scpeft_adapter` slot adapts the token embedding (token prompts)."""
+        raise NotImplementedError
+
+    def unused_parameter_names(self) -> set[str]:
+        """Parameters `forward` never reads (layers after `depth`): frozen whatever the strategy."""
+        if self.depth is None:
+            return set()
+        return {f"layers.{i}.{name}" for i in range(self.depth, len(self.layers)) for name, _ in self.layers[i].named_parameters()}
+
+    def require(self, feature: str, *, by: str) -> None:
+        """Stop with one line when `by` (a strategy or setting) needs a feature this backbone lacks."""
+        if feature not in self.supports:
+            offered = ", ".join(sorted(self.supports)) or "none"
+            raise UserError(f"{by} needs the backbone's {feature}, which {self.family} does not offer (it offers: {offered})")
+
+    def set_memory_options(self, *, grad_checkpointing: bool | int, recompute_frozen_qkv: bool) -> None:
+        """The trainer's memory switches; one the backbone cannot honour is an error, never ignored."""
+        if grad_checkpointing:
+            self.require("grad_checkpointing", by="trainer.grad_checkpointing")
+        if recompute_frozen_qkv and "recompute_frozen_qkv" not in self.supports:
+            recompute_frozen_qkv = False  # the default asks for it where offered; nothing is promised otherwise
+        self.gradient_checkpointing = grad_checkpointing
+        self.recompute_frozen_qkv = recompute_frozen_qkv
 
 
 @dataclass
@@ -17,10 +114,40 @@ class LoadedBackbone:
     """A built backbone module with the tokenizer that feeds it and where its weights came from."""
 
     name: str
-    model: nn.Module
+    model: Backbone
     tokenizer: Any
     pretrained: bool
     checkpoint: str | None
+
+
+_BLOCKED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def read_torch_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict saved with `torch.save`, read with `weights_only=True` (no code runs on load).
+
+    A file that would run code is refused in one line naming what it references.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = _BLOCKED_GLOBAL.search(str(err))
+        if found is None:  # not a pickle at all
+            raise UserError(f"cannot load {path} as a PyTorch state dict (it is not a torch.save file)") from None
+        raise UserError(
+            f"refused {path}: loading it could run code (it references {found.group(1)}); only plain state dicts of tensors are read"
+        ) from None
+    except Exception as err:  # truncated files, non-torch files
+        raise UserError(f"cannot load {path} as a PyTorch state dict ({type(err).__name__}: {str(err)[:200]})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds a {type(state).__name__}, not a state dict")
+    not_tensors = [str(key) for key, value in state.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise UserError(
+            f"{path} is not a plain state dict: {', '.join(not_tensors[:5])} are not tensors "
+            "(a training checkpoint? save model.state_dict())"
+        )
+    return state
 
 
 def load_state_dict_exactly(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from scpeft_cli.backbones.base import Backbone
 from scpeft_cli.backbones.dropout import Dropout
-from scpeft_cli.backbones.layers import PromptHook, TransformerLayer, run_layers
+from scpeft_cli.backbones.layers import TransformerLayer
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,12 @@ class ContinuousValueEncoder(nn.Module):
         return self.dropout(self.scpeft_adapter(self.norm(x)))
 
 
-class ScGPT(nn.Module):
+class ScGPT(Backbone):
     """Token states for a batch of tokenised cells; the cell embedding is the `<cls>` state."""
+
+    family = "scGPT"
+    token_adapter_placement = "the expression-value embedding, after its LayerNorm"
+    zero_shot_l2_normalized = True  # scGPT's embed_data normalises the <cls> embeddings
 
     def __init__(self, arch: ScGPTArchitecture):
         super().__init__()
@@ -86,9 +91,6 @@ class ScGPT(nn.Module):
             )
             for _ in range(arch.n_layers)
         )
-        self.scpeft_prompts: PromptHook | None = None
-        self.gradient_checkpointing: bool | int = False  # set by the trainer (trainer.grad_checkpointing)
-        self.recompute_frozen_qkv = True  # set by the trainer (trainer.recompute_frozen_qkv)
 
     @property
     def token_embedding_adapter_owner(self) -> nn.Module:
@@ -97,13 +99,6 @@ class ScGPT(nn.Module):
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.encoder(batch["gene_ids"]) + self.value_encoder(batch["values"])
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return run_layers(
-            self.layers, self.embed(batch), batch["padding_mask"], self.scpeft_prompts,
-            checkpointing=self.gradient_checkpointing if self.training else False,
-            recompute_frozen_qkv=self.recompute_frozen_qkv,
-        )
 
     def cell_embedding(self, states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return states[:, 0]

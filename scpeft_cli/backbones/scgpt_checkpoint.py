@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from scpeft_cli.backbones.base import LoadedBackbone, load_state_dict_exactly
+from scpeft_cli.backbones.base import DataNeeded, LoadedBackbone, load_state_dict_exactly, read_torch_weights
 from scpeft_cli.backbones.scgpt import ScGPT, ScGPTArchitecture
 from scpeft_cli.console import info, warn
 from scpeft_cli.errors import UserError
-from scpeft_cli.tokenizers.scgpt import ScGPTTokenizer
-from scpeft_cli.tokenizers.vocab import GeneVocab
+from scpeft_cli.tokenizers.scgpt import VOCAB_FILE, ScGPTTokenizer
+from scpeft_cli.tokenizers.vocab import CLS_TOKEN, PAD_TOKEN, GeneVocab
 
 CHECKPOINT_FILES = ("best_model.pt", "vocab.json", "args.json")
 
@@ -59,46 +58,46 @@ def convert_scgpt_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, 
     return converted, ignored
 
 
-def read_checkpoint_folder(folder: str | Path) -> tuple[dict, GeneVocab, dict[str, torch.Tensor]]:
-    """args.json, vocab.json and the weights of an official scGPT folder, with a clear error per defect."""
+def _checked_folder(folder: str | Path) -> Path:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise UserError(f"scGPT checkpoint folder not found: {folder}; set backbone.checkpoint to a folder with {', '.join(CHECKPOINT_FILES)}")
     absent = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
     if absent:
         raise UserError(f"scGPT checkpoint folder {folder} lacks {', '.join(absent)}; it must hold {', '.join(CHECKPOINT_FILES)}")
+    return folder
+
+
+def read_vocab(folder: Path) -> GeneVocab:
+    return GeneVocab.from_json(folder / VOCAB_FILE, required=(PAD_TOKEN, CLS_TOKEN))
+
+
+def read_checkpoint_folder(folder: str | Path) -> tuple[dict, GeneVocab, dict[str, torch.Tensor]]:
+    """args.json, vocab.json and the weights of an official scGPT folder, with a clear error per defect."""
+    folder = _checked_folder(folder)
     try:
         args = json.loads((folder / "args.json").read_text())
     except ValueError as err:
         raise UserError(f"cannot parse {folder / 'args.json'}: {err}") from err
-    vocab = GeneVocab.from_json(folder / "vocab.json")
-    try:
-        state = torch.load(folder / "best_model.pt", map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated files, pickles with code, non-torch files all land here
-        raise UserError(f"cannot load {folder / 'best_model.pt'} as a PyTorch state dict ({type(err).__name__}: {err})") from err
-    if not isinstance(state, dict):
-        raise UserError(f"{folder / 'best_model.pt'} holds a {type(state).__name__}, not a state dict")
-    not_tensors = [str(key) for key, value in state.items() if not isinstance(value, torch.Tensor)]
-    if not_tensors:
-        raise UserError(
-            f"{folder / 'best_model.pt'} is not a plain state dict: {', '.join(not_tensors[:5])} are not tensors "
-            "(a training checkpoint? save model.state_dict())"
-        )
-    return args, vocab, state
+    return args, read_vocab(folder), read_torch_weights(folder / "best_model.pt")
 
 
-def architecture_from_args(args: dict, vocab: GeneVocab, *, attention_dropout: float) -> ScGPTArchitecture:
-    """scGPT's args.json names (embsize, nheads, d_hid, nlayers, dropout) -> our architecture."""
+def architecture_from_args(args: dict, vocab: GeneVocab, *, attention_dropout: float | None) -> ScGPTArchitecture:
+    """scGPT's args.json names (embsize, nheads, d_hid, nlayers, dropout) -> our architecture.
+
+    `attention_dropout` None: the checkpoint's own `dropout`, with which upstream trained attention too.
+    """
     if not isinstance(args, dict):
         raise UserError("args.json must be a JSON object of scGPT training arguments")
     try:
+        dropout = float(args.get("dropout", 0.2))
         arch = ScGPTArchitecture(
             d_model=int(args["embsize"]),
             n_heads=int(args["nheads"]),
             d_hid=int(args["d_hid"]),
             n_layers=int(args["nlayers"]),
-            dropout=float(args.get("dropout", 0.2)),
-            attention_dropout=attention_dropout,
+            dropout=dropout,
+            attention_dropout=dropout if attention_dropout is None else attention_dropout,
             n_tokens=vocab.size,
             pad_id=vocab.pad_id,
         )
@@ -127,19 +126,25 @@ def build_scgpt(
     d_hid: int,
     n_layers: int,
     dropout: float,
-    attention_dropout: float,
+    attention_dropout: float | None,
     vocab_size: int | None,
     n_bins: int,
     max_seq_len: int,
     pad_value: float,
     seed: int,
-    genes: Sequence[str] | None = None,
-) -> LoadedBackbone:
-    """scGPT from `checkpoint` (architecture from its args.json) or randomly initialised with `seed`.
+    cells=None,
+    saved: str | Path | None = None,
+    vocab_only: bool = False,
+) -> LoadedBackbone | GeneVocab | None:
+    """scGPT from `checkpoint` (architecture from its args.json) or randomly initialised with `seed`
+    (the contract in `backbones/base.py`).
 
-    A random model's vocabulary is the data's genes; its embedding table is padded to `vocab_size`
-    rows when given, so parameter counts match the preset.
+    A random model's vocabulary is the data's genes (`cells`, or the `vocab.json` a trained run saved in
+    `saved`); its embedding table is padded to `vocab_size` rows when given, so parameter counts match
+    the preset. `attention_dropout` None: the model's own dropout (the checkpoint's, or `dropout`).
     """
+    if vocab_only:
+        return read_vocab(_checked_folder(checkpoint)) if checkpoint else None
     if checkpoint:
         args, vocab, state = read_checkpoint_folder(checkpoint)
         arch = architecture_from_args(args, vocab, attention_dropout=attention_dropout)
@@ -156,9 +161,14 @@ def build_scgpt(
             info(f"ignored {len(ignored)} pretraining-only tensors ({', '.join(heads)})")
         info(f"loaded scGPT checkpoint {checkpoint}: {arch.n_layers} layers, d_model {arch.d_model}, vocab {vocab.size}")
     else:
-        if not genes and not vocab_size:
-            raise UserError("a randomly initialised backbone needs data (its genes form the vocabulary) or backbone.vocab_size")
-        vocab = GeneVocab.from_genes(genes or [])
+        if saved is not None and (Path(saved) / VOCAB_FILE).is_file():
+            vocab = read_vocab(Path(saved))
+        elif cells is not None:
+            vocab = GeneVocab.from_genes(list(cells.var_names))
+        elif vocab_size:
+            vocab = GeneVocab.from_genes([])
+        else:
+            raise DataNeeded("a randomly initialised backbone needs data (its genes form the vocabulary) or backbone.vocab_size")
         n_tokens = max(vocab.size, vocab_size or 0)
         arch = ScGPTArchitecture(
             d_model=d_model,
@@ -166,7 +176,7 @@ def build_scgpt(
             d_hid=d_hid,
             n_layers=n_layers,
             dropout=dropout,
-            attention_dropout=attention_dropout,
+            attention_dropout=dropout if attention_dropout is None else attention_dropout,
             n_tokens=n_tokens,
             pad_id=vocab.pad_id,
         )

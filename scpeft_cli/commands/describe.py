@@ -9,31 +9,36 @@ from omegaconf import DictConfig
 from rich.table import Table
 
 from scpeft_cli import artifacts
-from scpeft_cli.annotation_run import OPTIONS
-from scpeft_cli.assembly import assemble, parameter_counts
+from scpeft_cli.annotation_run import OPTIONS, strategy_option
+from scpeft_cli.assembly import Assembly, attach, build_backbone, parameter_counts
+from scpeft_cli.backbones.base import DataNeeded
 from scpeft_cli.commands.guard import guarded
 from scpeft_cli.console import console
 from scpeft_cli.instantiate import instantiate
 from scpeft_cli.paths import config_dir
 
 
-def _classes_and_genes(cfg: DictConfig) -> tuple[int, list[str] | None]:
-    """Read the data only when the model's size depends on it (class count or a random model's genes)."""
-    needs_genes = not cfg.backbone.checkpoint and not cfg.backbone.get("vocab_size")
-    if cfg.task.n_classes and not needs_genes:
-        return int(cfg.task.n_classes), None
-    adata = instantiate(cfg.data)
+def _assemble(cfg: DictConfig) -> tuple[Assembly, int]:
+    """Read the data only when the model's size depends on it: the class count, or a random backbone
+    that builds its gene tables from the data (the builder says so with DataNeeded)."""
+    adata = None
+    if not cfg.task.n_classes:
+        adata = instantiate(cfg.data)
+    try:
+        backbone = build_backbone(cfg, cells=adata)
+    except DataNeeded:
+        adata = instantiate(cfg.data)
+        backbone = build_backbone(cfg, cells=adata)
     n_classes = int(cfg.task.n_classes or len(adata.obs["label"].cat.categories))
-    return n_classes, list(adata.var_names)
+    return attach(cfg, backbone, n_classes=n_classes), n_classes
 
 
 def describe(cfg: DictConfig, run_dir: Path) -> dict:
-    n_classes, genes = _classes_and_genes(cfg)
-    parts = assemble(cfg, n_classes=n_classes, genes=genes)
+    parts, n_classes = _assemble(cfg)
     counts = parameter_counts(parts.model)
     groups = parts.model.parameter_groups()
 
-    table = Table(title=f"{cfg.backbone.name} + {parts.strategy.name} ({n_classes} classes)")
+    table = Table(title=f"{cfg.backbone.name} + {strategy_option(cfg)} ({n_classes} classes)")
     for column in ("module group", "total", "trainable", "trainable %"):
         table.add_column(column, justify="left" if column == "module group" else "right")
     for group, (total, trainable) in groups.items():
@@ -46,7 +51,7 @@ def describe(cfg: DictConfig, run_dir: Path) -> dict:
     console.print(table)
     placement = parts.strategy.placement(parts.model.backbone)
     trained = sorted({_tensor_group(name) for name, p in parts.model.named_parameters() if p.requires_grad})
-    console.print(f"[bold]{parts.strategy.name}[/] sits at: {placement}")
+    console.print(f"[bold]{strategy_option(cfg)}[/] sits at: {placement}")
     console.print(f"trains: {', '.join(trained)}")
     console.print(
         f"total {counts['total_params'] / 1e6:.2f}M, trainable {counts['trainable_params'] / 1e6:.2f}M; "
@@ -55,7 +60,7 @@ def describe(cfg: DictConfig, run_dir: Path) -> dict:
     report = {
         **counts,
         "backbone": cfg.backbone.name,
-        "peft": parts.strategy.name,
+        "peft": strategy_option(cfg),
         "n_classes": n_classes,
         "placement": placement,
         "trains": trained,

@@ -22,6 +22,7 @@ from scpeft_cli.commands.predict import finished_run
 from scpeft_cli.console import console, warn
 from scpeft_cli.instantiate import instantiate
 from scpeft_cli.paths import config_dir
+from scpeft_cli.tokenizers.cache import tokenize_cells
 
 
 @dataclass
@@ -29,7 +30,7 @@ class EmbedOptions:
     run: str | None
     output: str
     overwrite: bool
-    normalize: bool
+    normalize: bool | None
     seed: int
     batch_size: int
     device: str
@@ -43,24 +44,25 @@ def embed(cfg: DictConfig, _run_dir: Path) -> None:
         adapter_dir = finished_run(cfg.run) / "adapter"
         cells = restrict_to_training_genes(cells, adapter_dir)
         parts, saved = load_trained(adapter_dir)
-        backbone, module, seed, source = parts.backbone, parts.model, saved["seed"], f"run {cfg.run} ({parts.strategy.name})"
+        backbone, module, seed, source = parts.backbone, parts.model, saved["seed"], f"run {cfg.run} ({saved.get('peft_option', parts.strategy.name)})"
         forward = lambda batch: {"x": module.embed(batch)}  # noqa: E731
     else:
-        backbone = build_backbone(cfg, genes=cells.var_names)
+        backbone = build_backbone(cfg, cells=cells)
         module, seed, source = backbone.model, cfg.seed, f"backbone {cfg.backbone.name}"
         forward = lambda batch: {"x": module.cell_embedding(module(batch), batch)}  # noqa: E731
     if not backbone.pretrained:
         warn("the backbone is RANDOMLY INITIALISED: these embeddings carry no pretrained knowledge")
-    tokens = backbone.tokenizer.tokenize(cells.X, cells.var_names, seed=seed)
+    tokens = tokenize_cells(backbone.tokenizer, cells, seed=seed)
     embeddings = run_model(module, forward, tokens, backbone.tokenizer.collate, cfg=cfg)["x"]
-    if cfg.normalize:
+    normalized = backbone.model.zero_shot_l2_normalized if cfg.normalize is None else bool(cfg.normalize)
+    if normalized:
         embeddings = normalize(embeddings)
     uns = {
         "source": source,
         "pretrained": backbone.pretrained,
         "checkpoint": backbone.checkpoint,
         "gene_overlap": overlap_summary(tokens),
-        "params": {"normalize": cfg.normalize, "seed": seed},
+        "params": {"normalize": normalized, "seed": seed},
     }
     write_annotated_copy(input_path=cfg.data.path, output=output, cells=cells, obs={}, embeddings=embeddings, uns=uns)
     console.print(f"embedded {cells.n_obs} cells ({embeddings.shape[1]} dimensions) from {source}")

@@ -1,7 +1,7 @@
 """`scpeft inspect`: preflight checks on the data, genes, classes and split of a run, before training.
 
 Same composed config as `train`; it loads and prepares the data exactly as a run does, reads only the
-`vocab.json` of `backbone.checkpoint` (never the weights, never builds the model), runs the split, prints
+gene vocabulary of `backbone.checkpoint` (never the weights, never builds the model), runs the split, prints
 what it found and writes `inspect.json` into the run dir. Exit code 2 when a run would fail.
 """
 
@@ -19,6 +19,7 @@ from rich.table import Table
 
 from scpeft_cli import artifacts
 from scpeft_cli.annotation_run import OPTIONS
+from scpeft_cli.assembly import read_vocabulary
 from scpeft_cli.commands.guard import guarded
 from scpeft_cli.console import console, warn
 from scpeft_cli.data import preflight
@@ -45,18 +46,11 @@ def inspect_run(cfg: DictConfig, run_dir: Path) -> dict:
     overlap, candidates = None, []
     if checkpoint:
         try:
-            vocab = preflight.read_checkpoint_vocab(checkpoint)
+            vocab = read_vocabulary(cfg)
         except UserError as err:
             problems.append(str(err))
         else:
-            missing = preflight.missing_checkpoint_files(checkpoint)
-            if missing:
-                problems.append(
-                    f"scGPT checkpoint folder {checkpoint} lacks {', '.join(missing)}; it must hold "
-                    f"{', '.join(preflight.CHECKPOINT_FILES)}"
-                )
-            vocab_file = str(Path(checkpoint).expanduser() / preflight.VOCAB_FILE)
-            overlap = preflight.vocab_overlap(genes, vocab, source="checkpoint", path=vocab_file)
+            overlap = preflight.vocab_overlap(genes, vocab, source="checkpoint", path=str(Path(checkpoint).expanduser()))
             if overlap.fraction < preflight.WARN_OVERLAP:
                 candidates = _gene_key_candidates(cfg, vocab, overlap)
     else:

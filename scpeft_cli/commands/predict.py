@@ -24,6 +24,7 @@ from scpeft_cli.console import console, warn
 from scpeft_cli.errors import UserError
 from scpeft_cli.instantiate import instantiate
 from scpeft_cli.paths import config_dir
+from scpeft_cli.tokenizers.cache import tokenize_cells
 
 
 @dataclass
@@ -52,7 +53,7 @@ def predict(cfg: DictConfig, _run_dir: Path) -> None:
     if not saved["pretrained"]:
         warn("this run's backbone was RANDOMLY INITIALISED: its predictions are not those of a pretrained model")
     cells = restrict_to_training_genes(instantiate(cfg.data), run_dir / "adapter")
-    tokens = parts.backbone.tokenizer.tokenize(cells.X, cells.var_names, seed=saved["seed"])
+    tokens = tokenize_cells(parts.backbone.tokenizer, cells, seed=saved["seed"])
     model = parts.model
     out = run_model(model, lambda batch: dict(zip(("logits", "embeddings"), model(batch), strict=True)), tokens, parts.backbone.tokenizer.collate, cfg=cfg)
     logits = out["logits"]
@@ -63,7 +64,7 @@ def predict(cfg: DictConfig, _run_dir: Path) -> None:
     uns = {
         "run": str(run_dir.resolve()),
         "backbone": saved["backbone"]["name"],
-        "strategy": parts.strategy.name,
+        "strategy": saved.get("peft_option", parts.strategy.name),
         "pretrained": saved["pretrained"],
         "classes": list(classes),
         "gene_overlap": overlap_summary(tokens),

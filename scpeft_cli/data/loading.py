@@ -1,9 +1,12 @@
 """Load single-cell data into one "prepared" AnnData shape the rest of the CLI can rely on.
 
 Prepared means: ``X`` is CSR float32 log-normalised expression (normalize_total 1e4 + log1p),
-``var_names`` are unique gene identifiers, ``obs_names`` are unique cell ids, ``obs["label"]``
-is a string Categorical copied from the user's label column, and ``uns["scpeft_input"]``
-records where the data came from. This layer knows nothing about models.
+``layers["counts"]`` the raw counts where they are known (given, or recovered from log-normalised
+values with the cells' totals in ``obs["n_counts"]``), ``obs["scpeft_total_counts"]`` each cell's
+total counts over all of the file's genes, ``var_names`` are unique gene identifiers, ``obs_names``
+are unique cell ids, ``obs["label"]`` is a string Categorical copied from the user's label column,
+and ``uns["scpeft_input"]`` records where the data came from. This layer knows nothing about models:
+each tokenizer takes the matrix it needs (``tokenizers.base.tokenizer_input``).
 """
 
 from __future__ import annotations
@@ -18,8 +21,12 @@ import scipy.sparse as sp
 
 from scpeft_cli.console import info, warn
 from scpeft_cli.errors import UserError
+from scpeft_cli.tokenizers.base import COUNTS_LAYER, TOTALS_COLUMN
 
 TARGET_SUM = 1e4
+TOTALS_KEY = "n_counts"  # obs column of per-cell total counts (Geneformer's convention, scanpy's older one)
+# Recovered counts farther than this from an integer mean the totals do not belong to these values.
+RECOVERY_TOLERANCE = 0.25
 
 
 def load_pbmc68k_reduced(
@@ -151,6 +158,7 @@ def prepare(
         adata = _drop_small_classes(adata, min_cells_per_class)
 
     input_kind = "counts" if np.all(adata.X.data == np.round(adata.X.data)) else "log_normalized"
+    counts_kept = _keep_counts(adata, input_kind)
     if input_kind == "counts":
         sc.pp.normalize_total(adata, target_sum=TARGET_SUM)
         sc.pp.log1p(adata)
@@ -165,12 +173,43 @@ def prepare(
         "gene_key": gene_key,
         "layer": layer,
         "input_kind": input_kind,
+        "counts": counts_kept or "unknown",
         "n_cells": int(adata.n_obs),
         "n_genes": int(adata.n_vars),
     }
     classes = f", {len(adata.obs['label'].cat.categories)} classes" if label_key is not None else ""
     info(f"Data ({path or source}): {adata.n_obs} cells, {adata.n_vars} genes{classes}, input: {input_kind}")
     return adata
+
+
+def _keep_counts(adata: anndata.AnnData, input_kind: str) -> str | None:
+    """Raw counts into ``layers["counts"]`` and per-cell totals into ``obs["scpeft_total_counts"]``, before
+    any gene selection; returns how the counts were obtained ("given" | "recovered"), None if unknown."""
+    given_totals = None
+    if TOTALS_KEY in adata.obs.columns:
+        given_totals = pd.to_numeric(adata.obs[TOTALS_KEY], errors="coerce").to_numpy(dtype=np.float64)
+        if not np.all(np.isfinite(given_totals) & (given_totals > 0)):
+            warn(f"obs['{TOTALS_KEY}'] holds missing or non-positive totals; it is not used")
+            given_totals = None
+    if input_kind == "counts":
+        counts = adata.X.copy()
+        totals = given_totals if given_totals is not None else np.asarray(counts.sum(axis=1)).ravel().astype(np.float64)
+        how = "given"
+    elif given_totals is not None:
+        counts = adata.X.copy()
+        counts.data = np.expm1(counts.data.astype(np.float64))
+        counts = sp.csr_matrix(sp.diags(given_totals / TARGET_SUM) @ counts)
+        if np.abs(counts.data - np.round(counts.data)).max(initial=0) > RECOVERY_TOLERANCE:
+            warn(f"obs['{TOTALS_KEY}'] does not turn these log-normalised values back into counts; counts are unknown")
+            return None
+        counts.data = np.round(counts.data)
+        counts = _to_csr_float32(counts)
+        totals, how = given_totals, "recovered"
+    else:
+        return None
+    adata.layers[COUNTS_LAYER] = counts
+    adata.obs[TOTALS_COLUMN] = totals
+    return how
 
 
 def _select_highly_variable(adata: anndata.AnnData, n_top_genes: int) -> anndata.AnnData:

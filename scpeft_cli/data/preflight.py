@@ -8,18 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from scpeft_cli.data.splits import SPLITS, summarize_split
 from scpeft_cli.errors import UserError
+from scpeft_cli.tokenizers.base import Vocabulary
 from scpeft_cli.tokenizers.vocab import (
     MIN_OVERLAP,
-    SPECIAL_TOKENS,
     WARN_OVERLAP,
-    GeneVocab,
     ensembl_fraction,
     gene_id_hint,
     gene_id_kind,
@@ -31,8 +29,6 @@ MIN_CLASS_CELLS = 3
 WARN_CLASS_CELLS = 10
 MAX_CLASS_ROWS = 15
 N_EXAMPLES = 5
-VOCAB_FILE = "vocab.json"
-CHECKPOINT_FILES = ("best_model.pt", "vocab.json", "args.json")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -79,28 +75,9 @@ def gene_ids(genes: Sequence[str]) -> GeneIds:
     )
 
 
-def read_checkpoint_vocab(folder: str | Path) -> GeneVocab:
-    """Only `vocab.json` of an scGPT checkpoint folder (never the weights); UserError naming what is missing."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise UserError(
-            f"scGPT checkpoint folder not found: {folder}; set backbone.checkpoint to a folder with {', '.join(CHECKPOINT_FILES)}"
-        )
-    file = folder / VOCAB_FILE
-    if not file.is_file():
-        raise UserError(f"{file} not found: the checkpoint folder must hold {VOCAB_FILE} (and {', '.join(CHECKPOINT_FILES)})")
-    return GeneVocab.from_json(file)
-
-
-def missing_checkpoint_files(folder: str | Path) -> list[str]:
-    """The files of an official scGPT folder that are absent (checked by name only, nothing is read)."""
-    folder = Path(folder).expanduser()
-    return [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
-
-
 @dataclass(frozen=True)
 class VocabOverlap:
-    source: str  # "checkpoint" (its vocab.json) | "data" (a random backbone's vocabulary: the data's genes)
+    source: str  # "checkpoint" (its gene vocabulary) | "data" (a random backbone's vocabulary: the data's genes)
     n_genes: int  # the data's genes
     count: int  # of them in the vocabulary
     fraction: float
@@ -120,13 +97,12 @@ class VocabOverlap:
         return self.data_kind != self.vocab_kind
 
 
-def vocab_overlap(genes: Sequence[str], vocab: GeneVocab, *, source: str, path: str | None = None) -> VocabOverlap:
-    """How many of the data's genes the vocabulary knows (as `GeneVocab.map_genes` counts them)."""
+def vocab_overlap(genes: Sequence[str], vocab: Vocabulary, *, source: str, path: str | None = None) -> VocabOverlap:
+    """How many of the data's genes the vocabulary knows (as `map_genes` counts them, through `vocab.lookup`)."""
     genes = [str(g) for g in genes]
-    tokens = vocab.token_to_id
-    found = np.array([g in tokens and g not in SPECIAL_TOKENS for g in genes], dtype=bool)
+    found = vocab.lookup(genes) >= 0
     unmatched = [g for g, ok in zip(genes, found, strict=True) if not ok]
-    vocab_genes = [t for t in tokens if t not in SPECIAL_TOKENS]
+    vocab_genes = vocab.genes
     count = int(found.sum())
     return VocabOverlap(
         source=source,
@@ -155,7 +131,7 @@ class GeneKeyCandidate:
 
 
 def gene_key_candidates(
-    var: pd.DataFrame, vocab: GeneVocab, *, current: str | None = None, kind: str | None = None
+    var: pd.DataFrame, vocab: Vocabulary, *, current: str | None = None, kind: str | None = None
 ) -> list[GeneKeyCandidate]:
     """var columns (and var_names) that could replace `data.gene_key`, best vocabulary overlap first.
 
@@ -164,7 +140,6 @@ def gene_key_candidates(
     left out, unless `kind` is given (then a column of that kind is worth naming even when the
     vocabulary is unavailable or disjoint).
     """
-    tokens = vocab.token_to_id
     columns: list[tuple[str | None, pd.Series]] = [(None, pd.Series(var.index, dtype=object))]
     columns += [(str(name), var[name]) for name in var.columns]
     candidates = []
@@ -180,7 +155,7 @@ def gene_key_candidates(
         column_kind = gene_id_kind(values)
         if kind is not None and column_kind != kind:
             continue
-        count = int(sum(v in tokens and v not in SPECIAL_TOKENS for v in values))
+        count = int((vocab.lookup(list(values)) >= 0).sum())
         if count == 0 and kind is None:
             continue
         candidates.append(GeneKeyCandidate(column=name, kind=column_kind, count=count, fraction=count / len(var)))

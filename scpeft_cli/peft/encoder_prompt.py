@@ -36,14 +36,14 @@ class EncoderPrompt(Strategy):
 
     def attach(self, backbone: nn.Module) -> None:
         d_model = backbone.d_model
-        for index in select_layers(self.layers, len(backbone.layers), default="first_half"):
-            layer = backbone.layers[index]
+        for index in select_layers(self.layers, len(backbone.active_layers), default="first_half"):
+            layer = backbone.active_layers[index]
             occupy(layer, "scpeft_attn_adapter", Adapter(d_model, self.ratio, skip=True, init=self.init), strategy=self.name)
             if self.variant == "paper":
                 mlp = Adapter(d_model, self.mlp_ratio, skip=False, scale=self.scale, init=self.init)
                 occupy(layer, "scpeft_ffn_adapter", mlp, strategy=self.name)
 
     def placement(self, backbone: nn.Module) -> str:
-        layers = select_layers(self.layers, len(backbone.layers), default="first_half")
+        layers = select_layers(self.layers, len(backbone.active_layers), default="first_half")
         parts = "space adapter after attention" + (" + parallel scaled MLP adapter on the FFN" if self.variant == "paper" else "")
         return f"{parts}, layers {layers}"

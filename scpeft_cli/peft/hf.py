@@ -62,7 +62,7 @@ class HFPeft(Strategy):
             import peft
         except ImportError as err:
             raise UserError("peft=hf needs the huggingface peft library: pip install 'scpeft-cli[hf]'") from err
-        layers = select_layers(self.layers, len(backbone.layers), default="first_half")
+        layers = select_layers(self.layers, len(backbone.active_layers), default="first_half")
         target_modules = [f"layers.{i}.{MODULES[t]}" for i in layers for t in self.targets]
         existing = {id(p) for p in backbone.parameters()}  # the library renames wrapped weights, so compare objects
         peft.inject_adapter_in_model(self._config(target_modules), backbone)
@@ -72,5 +72,5 @@ class HFPeft(Strategy):
         return parameter_name.startswith(HEAD_PREFIX) or parameter_name.removeprefix(BACKBONE_PREFIX) in self.added
 
     def placement(self, backbone: nn.Module) -> str:
-        layers = select_layers(self.layers, len(backbone.layers), default="first_half")
+        layers = select_layers(self.layers, len(backbone.active_layers), default="first_half")
         return f"huggingface peft {self.method} on {', '.join(self.targets)}, layers {layers}"

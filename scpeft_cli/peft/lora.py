@@ -67,8 +67,8 @@ class LoRA(Strategy):
             raise UserError(f"peft.targets {list(self.targets)}: choose from {', '.join(QKV_TARGETS + LINEAR_TARGETS)}")
 
     def attach(self, backbone: nn.Module) -> None:
-        for index in select_layers(self.layers, len(backbone.layers), default="first_half"):
-            layer = backbone.layers[index]
+        for index in select_layers(self.layers, len(backbone.active_layers), default="first_half"):
+            layer = backbone.active_layers[index]
             qkv_rows = [QKV_TARGETS.index(t) for t in QKV_TARGETS if t in self.targets]
             if qkv_rows:
                 d = layer.self_attn.qkv.in_features
@@ -86,5 +86,5 @@ class LoRA(Strategy):
         return LoRALinear(linear, blocks=blocks, r=self.r, alpha=self.alpha, dropout=self.dropout)
 
     def placement(self, backbone: nn.Module) -> str:
-        layers = select_layers(self.layers, len(backbone.layers), default="first_half")
+        layers = select_layers(self.layers, len(backbone.active_layers), default="first_half")
         return f"rank-{self.r} updates of {', '.join(self.targets)} (alpha {self.alpha}), layers {layers}"

@@ -5,20 +5,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from scpeft_cli.backbones.base import Backbone
 from scpeft_cli.peft.base import Strategy
 
 
 class PeftModel(nn.Module):
-    """Attaches the strategy to the backbone, freezes what it does not train, and classifies cells."""
+    """Attaches the strategy to the backbone, freezes what it does not train, and classifies cells.
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, strategy: Strategy):
+    Backbone parameters the forward pass never reads (`Backbone.unused_parameter_names`) stay frozen
+    whatever the strategy: they would get no gradient and be saved untrained.
+    """
+
+    def __init__(self, backbone: Backbone, head: nn.Module, strategy: Strategy):
         super().__init__()
         strategy.attach(backbone)
         self.backbone = backbone
         self.head = head
         self.strategy = strategy
+        unused = {f"backbone.{name}" for name in backbone.unused_parameter_names()}
         for name, parameter in self.named_parameters():
-            parameter.requires_grad_(strategy.trains(name))
+            parameter.requires_grad_(strategy.trains(name) and name not in unused)
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.backbone.cell_embedding(self.backbone(batch), batch)

@@ -59,10 +59,11 @@ class Prefix(Strategy):
             raise UserError(f"peft.n_tokens must be between 1 and {MAX_PREFIX_TOKENS}, got {self.n_tokens}")
 
     def attach(self, backbone: nn.Module) -> None:
-        layers = select_layers(self.layers, len(backbone.layers), default="all")
-        prompts = PrefixPrompts(layers, self.n_tokens, backbone.d_model, n_layers=len(backbone.layers))
+        backbone.require("prompts", by=f"peft={self.name}")
+        layers = select_layers(self.layers, len(backbone.active_layers), default="all")
+        prompts = PrefixPrompts(layers, self.n_tokens, backbone.d_model, n_layers=len(backbone.active_layers))
         occupy(backbone, "scpeft_prompts", prompts, strategy=self.name)
 
     def placement(self, backbone: nn.Module) -> str:
-        layers = select_layers(self.layers, len(backbone.layers), default="all")
+        layers = select_layers(self.layers, len(backbone.active_layers), default="all")
         return f"{self.n_tokens} prompt tokens attended to from layer {layers[0]} on, replaced in layers {layers}"

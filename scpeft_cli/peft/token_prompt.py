@@ -20,8 +20,9 @@ class TokenPrompt(Strategy):
         check_init(self.init)
 
     def attach(self, backbone: nn.Module) -> None:
+        backbone.require("token_adapter", by=f"peft={self.name}")
         host = backbone.token_embedding_adapter_owner
         occupy(host, "scpeft_adapter", Adapter(backbone.d_model, self.ratio, skip=True, init=self.init), strategy=self.name)
 
     def placement(self, backbone: nn.Module) -> str:
-        return "adapter (skip) on the expression-value embedding, after its LayerNorm"
+        return f"adapter (skip) on {backbone.token_adapter_placement}"

@@ -8,35 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from scpeft_cli.tokenizers import kernels
+from scpeft_cli.tokenizers.base import TokenizedCells, pad_ids
 from scpeft_cli.tokenizers.vocab import GeneVocab
 
-
-@dataclass(frozen=True)
-class TokenizedCells:
-    """Ragged tokens: cell i owns `gene_ids[indptr[i]:indptr[i+1]]` and the matching `values`."""
-
-    indptr: np.ndarray
-    gene_ids: np.ndarray
-    values: np.ndarray
-    genes_matched: int = 0  # data genes found in the vocabulary
-    genes_total: int = 0
-
-    def __len__(self) -> int:
-        return len(self.indptr) - 1
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.indptr)
-
-    def cell(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        start, stop = self.indptr[i], self.indptr[i + 1]
-        return self.gene_ids[start:stop], self.values[start:stop]
+VOCAB_FILE = "vocab.json"
+FORMAT_VERSION = "2"  # 2: float32 data binned against float64 edges, as np.quantile gives them
 
 
 def _sort_keys(data: np.ndarray) -> np.ndarray:
@@ -48,15 +31,26 @@ def _sort_keys(data: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ScGPTTokenizer:
-    """AnnData expression -> scGPT inputs (`<cls>` + binned non-zero genes), and batch padding."""
+    """AnnData expression -> scGPT inputs (`<cls>` + binned non-zero genes), and batch padding.
+
+    Reads log-normalised values: binning is per cell, so normalisation matters only through the gene set.
+    """
 
     vocab: GeneVocab
     n_bins: int = 51
     max_seq_len: int = 3001
     pad_value: float = -2.0
     cls_value: float = 0.0
+    input_kind = "log_normalized"
 
-    def tokenize(self, X: sp.spmatrix, genes: Sequence[str], *, seed: int) -> TokenizedCells:
+    def cache_settings(self) -> tuple:
+        vocab = "\0".join(f"{k}={v}" for k, v in sorted(self.vocab.token_to_id.items()))
+        return (FORMAT_VERSION, type(self).__name__, self.n_bins, self.max_seq_len, self.pad_value, self.cls_value, vocab)
+
+    def save(self, directory: Path) -> None:
+        self.vocab.to_json(Path(directory) / VOCAB_FILE)
+
+    def tokenize(self, X: sp.spmatrix, genes: Sequence[str], *, seed: int, totals: np.ndarray | None = None) -> TokenizedCells:
         columns, token_ids = self.vocab.map_genes(list(genes))
         X = sp.csr_matrix(X)  # a CSR matrix is used as it is, not copied
         if not X.has_sorted_indices:
@@ -85,10 +79,8 @@ class ScGPTTokenizer:
 
     def collate(self, cells: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
         """Right-pad a batch to its longest cell with `<pad>` / pad_value; mask is True at padding."""
-        width = max(len(ids) for ids, _ in cells)
-        gene_ids = torch.full((len(cells), width), self.vocab.pad_id, dtype=torch.long)
-        values = torch.full((len(cells), width), self.pad_value, dtype=torch.float32)
-        for row, (ids, vals) in enumerate(cells):
-            gene_ids[row, : len(ids)] = torch.from_numpy(ids)
+        gene_ids, padding_mask = pad_ids(cells, self.vocab.pad_id)
+        values = torch.full(gene_ids.shape, self.pad_value, dtype=torch.float32)
+        for row, (_, vals) in enumerate(cells):
             values[row, : len(vals)] = torch.from_numpy(vals)
-        return {"gene_ids": gene_ids, "values": values, "padding_mask": gene_ids == self.vocab.pad_id}
+        return {"gene_ids": gene_ids, "values": values, "padding_mask": padding_mask}

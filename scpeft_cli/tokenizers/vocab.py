@@ -73,35 +73,64 @@ def gene_id_hint(data_kind: str, vocab_kind: str) -> str:
     return f"data genes {data_text}, the vocabulary {vocab_text}: set data.gene_key to a var column with {wanted}"
 
 
+def map_genes(vocab, genes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Column indices of the data genes a vocabulary knows (`vocab.lookup`), and their token ids.
+
+    Logs the overlap; too small an overlap is a UserError saying which identifiers to use instead.
+    """
+    genes = [str(g) for g in genes]
+    ids = np.asarray(vocab.lookup(genes), dtype=np.int64)
+    columns = np.flatnonzero(ids >= 0)
+    n, total = len(columns), len(genes)
+    hint = gene_id_hint(gene_id_kind(genes), gene_id_kind(vocab.genes))
+    if n == 0:
+        raise UserError(f"none of the {total} genes are in the model vocabulary (examples: {genes[:3]}); {hint}")
+    if n < MIN_OVERLAP * total:
+        raise UserError(
+            f"only {n} of {total} genes ({100 * n / total:.1f}%) are in the model vocabulary, below the "
+            f"{100 * MIN_OVERLAP:.0f}% minimum; {hint}"
+        )
+    info(f"gene overlap with vocabulary: {n} / {total} genes ({100 * n / total:.1f}%)")
+    if n < WARN_OVERLAP * total:
+        warn(f"only {100 * n / total:.1f}% of the genes are in the vocabulary; the rest are ignored; {hint}")
+    return columns, ids[columns]
+
+
 @dataclass(frozen=True)
 class GeneVocab:
-    """Token ids by symbol; `size` is the number of embedding rows the ids index into."""
+    """Token ids by gene identifier; `size` is the number of embedding rows the ids index into."""
 
     token_to_id: dict[str, int]
 
     @classmethod
-    def from_json(cls, path: str | Path) -> GeneVocab:
+    def from_json(cls, path: str | Path, *, required: Sequence[str] = ()) -> GeneVocab:
+        """A JSON object {gene: index}; `required` names special tokens the model needs."""
         try:
             mapping = json.loads(Path(path).read_text())
         except (OSError, ValueError) as err:
             raise UserError(f"cannot read vocabulary {path}: {err}; expected a JSON object {{gene: index}}") from err
         if not isinstance(mapping, dict) or not all(isinstance(v, int) for v in mapping.values()):
-            raise UserError(f"vocabulary {path} is not a JSON object mapping gene symbols to integer ids")
+            raise UserError(f"vocabulary {path} is not a JSON object mapping gene identifiers to integer ids")
         vocab = cls({str(k): int(v) for k, v in mapping.items()})
-        missing = [t for t in (PAD_TOKEN, CLS_TOKEN) if t not in vocab.token_to_id]
+        missing = [t for t in required if t not in vocab.token_to_id]
         if missing:
-            raise UserError(f"vocabulary {path} lacks the special tokens {missing}; is it a scGPT vocab.json?")
+            raise UserError(f"vocabulary {path} lacks the special tokens {missing}")
         return vocab
 
     @classmethod
-    def from_genes(cls, genes: Iterable[str]) -> GeneVocab:
-        """A vocabulary laid out like scGPT's: genes in alphabetical order, then the special tokens."""
-        tokens = sorted(set(genes)) + list(SPECIAL_TOKENS)
+    def from_genes(cls, genes: Iterable[str], *, first: Sequence[str] = (), last: Sequence[str] = SPECIAL_TOKENS) -> GeneVocab:
+        """Special tokens `first`, the genes in alphabetical order, then the special tokens `last`
+        (by default scGPT's layout: genes, then `<pad>`, `<cls>`, `<eoc>`)."""
+        tokens = [*first, *sorted(set(genes) - set(first) - set(last)), *last]
         return cls({token: index for index, token in enumerate(tokens)})
 
     @property
     def size(self) -> int:
         return max(self.token_to_id.values()) + 1
+
+    @property
+    def genes(self) -> list[str]:
+        return [t for t in self.token_to_id if not _is_token(t)]
 
     @property
     def pad_id(self) -> int:
@@ -114,26 +143,9 @@ class GeneVocab:
     def to_json(self, path: str | Path) -> None:
         write_text(path, json.dumps(self.token_to_id))
 
+    def lookup(self, genes: Sequence[str]) -> np.ndarray:
+        """Token id of each gene, -1 where the vocabulary lacks it (special tokens never match a gene)."""
+        return np.array([-1 if _is_token(g) else self.token_to_id.get(g, -1) for g in genes], dtype=np.int64)
+
     def map_genes(self, genes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Column indices of the genes found in the vocabulary, and their token ids; logs the overlap."""
-        ids = np.array([self.token_to_id.get(g, -1) for g in genes], dtype=np.int64)
-        is_special = np.isin(np.asarray(genes, dtype=object), SPECIAL_TOKENS)
-        columns = np.flatnonzero((ids >= 0) & ~is_special)
-        n, total = len(columns), len(genes)
-        if n == 0:
-            raise UserError(
-                f"none of the {total} genes are in the model vocabulary (examples: {list(genes[:3])}); "
-                f"{gene_id_hint(gene_id_kind(genes), gene_id_kind(self.token_to_id))}"
-            )
-        if n < MIN_OVERLAP * total:
-            raise UserError(
-                f"only {n} of {total} genes ({100 * n / total:.1f}%) are in the model vocabulary, below the "
-                f"{100 * MIN_OVERLAP:.0f}% minimum; {gene_id_hint(gene_id_kind(genes), gene_id_kind(self.token_to_id))}"
-            )
-        info(f"gene overlap with vocabulary: {n} / {total} genes ({100 * n / total:.1f}%)")
-        if n < WARN_OVERLAP * total:
-            warn(
-                f"only {100 * n / total:.1f}% of the genes are in the vocabulary; the rest are ignored; "
-                f"{gene_id_hint(gene_id_kind(genes), gene_id_kind(self.token_to_id))}"
-            )
-        return columns, ids[columns]
+        return map_genes(self, genes)

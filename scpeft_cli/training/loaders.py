@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
-from scpeft_cli.tokenizers.scgpt import TokenizedCells
+from scpeft_cli.tokenizers.base import TokenizedCells
 
 
 class CellTokens(Dataset):

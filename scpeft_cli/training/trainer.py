@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader
 from scpeft_cli.console import console, info
 from scpeft_cli.errors import UserError
 from scpeft_cli.peft.model import PeftModel
-from scpeft_cli.training import host_memory
 from scpeft_cli.training.checkpoint import (
     TrainingState,
     load_checkpoint,
@@ -53,15 +52,6 @@ class Evaluation:
         return (shifted / shifted.sum(axis=1, keepdims=True)).max(axis=1)
 
 
-def apply_memory_settings(
-    backbone: nn.Module, *, grad_checkpointing: bool | int, recompute_frozen_qkv: bool, return_freed_memory: bool
-) -> bool:
-    """What the `trainer.*` memory settings do before training; True where freed memory now leaves the process."""
-    backbone.gradient_checkpointing = grad_checkpointing
-    backbone.recompute_frozen_qkv = recompute_frozen_qkv
-    return return_freed_memory and host_memory.return_freed_memory()
-
-
 class Trainer:
     """Trains the strategy's parameters and keeps the best validation state (trainable tensors only)."""
 
@@ -86,12 +76,15 @@ class Trainer:
         group_by_length: bool = False,
         grad_checkpointing: bool | int = False,
         recompute_frozen_qkv: bool = True,
-        return_freed_memory: bool = False,
     ):
         if monitor not in MONITORS:
             raise UserError(f"trainer.monitor={monitor} is not one of {', '.join(MONITORS)}")
         if lr <= 0:
             raise UserError(f"trainer.lr must be positive, got {lr}")
+        if not isinstance(max_epochs, int) or max_epochs < 1:
+            raise UserError(f"trainer.max_epochs must be a whole number >= 1, got {max_epochs!r}")
+        if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+            raise UserError(f"trainer.max_steps must be a whole number >= 1 or null, got {max_steps!r}")
         if not isinstance(grad_checkpointing, bool | int) or grad_checkpointing < 0:
             raise UserError(
                 f"trainer.grad_checkpointing={grad_checkpointing!r}: use true (every layer), false, or a number of layers"
@@ -116,7 +109,6 @@ class Trainer:
         self.group_by_length = group_by_length
         self.grad_checkpointing = grad_checkpointing
         self.recompute_frozen_qkv = recompute_frozen_qkv
-        self.return_freed_memory = return_freed_memory
 
     @property
     def device(self) -> torch.device:
@@ -159,12 +151,7 @@ class Trainer:
         resumed from: the result is the same as that of an uninterrupted run.
         """
         model.to(self.device)
-        apply_memory_settings(
-            model.backbone,
-            grad_checkpointing=self.grad_checkpointing,
-            recompute_frozen_qkv=self.recompute_frozen_qkv,
-            return_freed_memory=self.return_freed_memory,
-        )
+        model.backbone.set_memory_options(grad_checkpointing=self.grad_checkpointing, recompute_frozen_qkv=self.recompute_frozen_qkv)
         trainable = [p for p in model.parameters() if p.requires_grad]
         step_model = model
         if self.group.enabled:  # only parameters that require grad are registered, so only they sync
