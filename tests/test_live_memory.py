@@ -1,8 +1,7 @@
 """LiveTensorMemory: the CPU counterpart of the CUDA allocator peak used by the benchmarks."""
 
 import torch
-
-from scpeft_cli.training.resources import LiveTensorMemory
+from live_memory import LiveTensorMemory
 
 
 def test_counts_the_peak_and_the_end_of_tensors_allocated_in_the_block():

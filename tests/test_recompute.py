@@ -4,12 +4,12 @@ import weakref
 
 import pytest
 import torch
+from live_memory import LiveTensorMemory
 from torch import nn
 
 from scpeft_cli.backbones.layers import TransformerLayer, run_layers
 from scpeft_cli.backbones.recompute import RecomputedProjection, normalized, recomputable
 from scpeft_cli.peft.lora import LoRALinear
-from scpeft_cli.training.resources import LiveTensorMemory
 
 BATCH, LENGTH, D_MODEL = 3, 9, 16
 

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from scpeft_cli.backbones import prompt_attention
 from scpeft_cli.backbones.dropout import Dropout, activation_dropout
 from scpeft_cli.backbones.recompute import RecomputedProjection, normalized, recomputable
 
@@ -54,13 +53,6 @@ class SelfAttention(nn.Module):
         `keep_qkv`: let autograd keep q, k, v even when the projection is frozen and could recompute them.
         """
         dropout_p = self.dropout if self.training else 0.0
-        frozen = [self.qkv] if norm is None else [norm, self.qkv]
-        if prefix is not None and prompt_attention.applies(frozen, x, prefix, dropout_p):
-            if norm is not None:
-                x, prefix = norm(x), norm(prefix)
-            q, k, v = self._heads(self.qkv(x))
-            _, block_k, block_v = self._heads(self.qkv(prefix))
-            return self._merge_heads(prompt_attention.attention_training_block(q, k, v, block_k, block_v, padding_mask))
         skip = 0
         if prefix is not None:
             skip = prefix.shape[1]
@@ -93,7 +85,7 @@ class SelfAttention(nn.Module):
 def in_front(prefix: torch.Tensor, x: torch.Tensor, padding_mask: torch.Tensor | None):
     """`prefix` put in front of `x`, and never masked."""
     if padding_mask is not None:
-        padding_mask = prompt_attention.with_prompts_visible(padding_mask, prefix.shape[1])
+        padding_mask = torch.cat([padding_mask.new_zeros(padding_mask.shape[0], prefix.shape[1]), padding_mask], dim=1)
     return torch.cat([prefix, x], dim=1), padding_mask
 
 
@@ -186,9 +178,8 @@ def run_layers(
 ) -> torch.Tensor:
     """The layer stack, with the prompt hook (if any) around each layer.
 
-    Prompts whose outputs nothing reads go to the layer as its `prefix`, keys and values only, apart from
-    the cells: in the first prompted layer of a frozen backbone the cells then carry no gradient, and
-    attention trains the prompts alone (`prompt_attention`).
+    Prompts whose outputs nothing reads go to the layer as its `prefix`: keys and values only, so the
+    layer computes no outputs at their positions.
     `checkpointing` (training only): True for every layer, or the number of layers from the first,
     that keep no activations inside and recompute them in the backward pass: less memory for about
     one more forward pass of those layers. Dropout masks are the same in the recomputation.
