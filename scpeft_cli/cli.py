@@ -31,6 +31,10 @@ USAGE = "usage: scpeft [--debug] COMMAND [hydra overrides...]\n\ncommands:\n" + 
     "\nexit codes: 0 ok, 1 a report gate failed, 2 bad input or configuration, 3 internal error."
 )
 GROUP_CHOICE = re.compile(r"^[+~]?([a-z_]+)=([\w,]+)$")
+# Groups that conf/train.yaml declares as `GROUP: null`: `+GROUP=NAME` (the usual Hydra spelling for a group
+# missing from the defaults) would be refused as a second value, so it is read as `GROUP=NAME`.
+PRESET_GROUPS = ("experiment", "hparams_search")
+HELP_FLAGS = {"-h", "--help"}
 
 
 def unknown_group_option(overrides: list[str]) -> str | None:
@@ -66,6 +70,28 @@ def composition_problem(command: str, overrides: list[str]) -> str | None:
     except (HydraException, OmegaConfBaseException) as err:
         return " ".join(str(err).split("\n")[0:3]).replace("  ", " ")
     return None
+
+
+def presets_without_plus(overrides: list[str]) -> list[str]:
+    """`+experiment=quick` -> `experiment=quick` (both spellings work; the README uses the second)."""
+    return [o[1:] if o.startswith(tuple(f"+{group}=" for group in PRESET_GROUPS)) else o for o in overrides]
+
+
+def group_options(*groups: str) -> str:
+    """`GROUP: OPTION, OPTION` lines, for the --help pages of commands that use only some of the groups."""
+    conf = Path(config_dir())
+    return "\n".join(f"{group}: {', '.join(sorted(p.stem for p in (conf / group).glob('*.yaml')))}" for group in groups)
+
+
+def with_help_template(command: str, args: list[str]) -> list[str]:
+    """`--help` shows the command's own page (conf/hydra/help/COMMAND.yaml), not Hydra's generic one,
+    unless the user picks a `hydra/help=...` of their own."""
+    if not HELP_FLAGS & set(args) or any(arg.startswith("hydra/help=") for arg in args):
+        return args
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("scpeft_groups", group_options, replace=True)
+    return [f"hydra/help={command}", *args]
 
 
 def expand_resume(overrides: list[str]) -> list[str]:
@@ -105,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as err:
             print(err, file=sys.stderr)
             return 2
+    if CONFIG_NAMES.get(command) == "train":
+        rest = presets_without_plus(rest)
     if command in HYDRA_COMMANDS:
+        rest = with_help_template(command, rest)
         problem = composition_problem(command, rest)
         if problem:
             print(f"error: {problem}", file=sys.stderr)

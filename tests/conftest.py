@@ -28,6 +28,20 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def token_cache(tmp_path_factory):
+    """Each test module tokenises into a fresh cache of its own (`cache_dir` defaults to $SCPEFT_CACHE_DIR),
+    never the repository's outputs/.cache: a cache left by older code cannot hide a tokenizer change.
+
+    Per module, not per test: module-scoped fixtures run the CLI too (set up after this one), and tests that
+    re-run into such a fixture's run dir must compose the same config (cache_dir included). In-process and
+    `isolated=True` CLI runs inherit it through os.environ."""
+    cache = tmp_path_factory.mktemp("token_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SCPEFT_CACHE_DIR", str(cache))
+        yield cache
+
+
 @pytest.fixture
 def compose_config():
     """compose(overrides) -> the config `scpeft train` would run, without starting a run."""

@@ -30,8 +30,18 @@ def test_every_group_option_composes(compose_config, group, option):
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
 def test_every_experiment_preset_composes(compose_config, experiment):
-    cfg = compose_config([f"+experiment={experiment}"])
+    cfg = compose_config([f"experiment={experiment}"])
     assert cfg.backbone and cfg.peft and cfg.trainer
+
+
+def test_presets_override_the_groups_and_the_command_line_overrides_the_presets(compose_config):
+    """experiment: null sits last in train.yaml's defaults, so a preset's values win over the groups' own."""
+    assert compose_config(["experiment=quick"]).trainer.max_steps == 10
+    assert compose_config(["experiment=quick", "trainer.max_steps=3"]).trainer.max_steps == 3
+    paper = compose_config(["experiment=paper_annotation", "peft=lora"])
+    assert paper.backbone.name == "scgpt" and paper.split._target_.endswith(".group_split")
+    assert paper.trainer.lr == 1.0e-4 and paper.trainer.patience == 10 and paper.peft._target_.endswith(".LoRA")
+    assert "experiment" not in compose_config() and "hparams_search" not in compose_config()
 
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "peft").glob("*.yaml")))

@@ -7,16 +7,20 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
 from scpeft_cli.commands.report import main
+from scpeft_cli.paths import config_dir
+from scpeft_cli.report.options import recorded_option
 from tests.conftest import run_cli
 
-# configuration -> (strategy name in metrics.json, macro F1 of seeds 0, 1, 2)
+# configuration -> (strategy name in metrics.json as older runs recorded it: the class name; macro F1 of seeds 0-2)
 STRATEGIES = {"peft=full": ("FullFineTuning", [0.90, 0.92, 0.94]), "peft=lora": ("LoRA", [0.80, 0.82, 0.84])}
+CONF = Path(config_dir())
 ROWS = ["peft=full", "peft=lora", "baseline: pca_logreg", "baseline: zero_shot_knn (scgpt_small)"]
 
 
@@ -82,7 +86,8 @@ def test_seeds_are_averaged_per_configuration_and_baselines_count_each_seed_once
     assert list(summary.index) == ROWS
     assert summary.loc["peft=full", "macro_f1_mean"] == pytest.approx(0.92)
     assert summary.loc["peft=full", "macro_f1_std"] == pytest.approx(0.02)
-    assert summary.loc["peft=lora", ["backbone", "peft", "n_runs", "n_failed"]].tolist() == ["scgpt_small", "LoRA", 3, 0]
+    lora = summary.loc["peft=lora", ["backbone", "peft", "n_runs", "n_failed"]]
+    assert lora.tolist() == ["scgpt_small", "lora", 3, 0]  # the option, not the class name LoRA in metrics.json
     assert summary.loc["peft=lora", "cells_per_second_mean"] == 500.0  # any numeric key is aggregated
     assert "seed_mean" not in summary.columns
     pca = summary.loc["baseline: pca_logreg"]
@@ -123,9 +128,9 @@ def test_a_single_run_dir_has_no_std(tmp_path):
     run = write_run(tmp_path / "run", overrides=[], metrics=run_metrics(peft="LoRA", seed=0, macro_f1=0.8))
     assert report(run) == 0
     summary = summary_of(run)
-    assert list(summary.index)[0] == "backbone=scgpt_small peft=LoRA"
+    assert list(summary.index)[0] == "backbone=scgpt_small peft=lora"  # an older run's class name, as its option
     assert math.isnan(summary.iloc[0]["macro_f1_std"])
-    assert "| backbone=scgpt_small peft=LoRA | 1 | 0 | 0.850 | 0.800 |" in (run / "summary.md").read_text()
+    assert "| backbone=scgpt_small peft=lora | 1 | 0 | 0.850 | 0.800 |" in (run / "summary.md").read_text()
 
 
 @pytest.mark.parametrize("requirement", ["macro_f1>=0.8", " macro_f1 >= 0.8 ", "accuracy>0.5"])
@@ -218,3 +223,71 @@ def test_scpeft_report_command(tmp_path):
     sweep = make_sweep(tmp_path / "sweep")
     assert run_cli("report", str(sweep), "--require", "macro_f1>=0.8").returncode == 0
     assert run_cli("report", str(sweep), "--require", "macro_f1>=1.5", check=False).returncode == 1
+
+
+def write_choices(run, **choices):
+    """.hydra/hydra.yaml as Hydra writes it, reduced to what the report reads: hydra.runtime.choices."""
+    choices = {"hydra/launcher": "basic", "experiment": None, "task": "annotation", **choices}
+    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
+    return run
+
+
+def test_configurations_are_named_by_option_never_by_class_name(tmp_path, capsys):
+    """A run chose `peft=head_only` (here through a preset, so no peft= override): every output says head_only."""
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1):
+        run = write_run(
+            sweep / str(seed), overrides=["experiment=frozen", f"seed={seed}"],
+            metrics=run_metrics(peft="HeadOnly", seed=seed, macro_f1=0.7),
+            per_class=[("T", 0.9, 0.9, 0.7, 100)],
+        )
+        write_choices(run, backbone="scgpt_small", peft="head_only")
+    default = write_run(sweep / "2", overrides=[], metrics=run_metrics(peft="FullFineTuning", seed=0, macro_f1=0.9))
+    write_choices(default, backbone="scgpt_small", peft="full")
+    assert report(sweep) == 0
+    summary = summary_of(sweep)
+    assert list(summary.index)[:2] == ["experiment=frozen", "backbone=scgpt_small peft=full"]
+    assert summary["peft"].tolist()[:2] == ["head_only", "full"]
+    out = capsys.readouterr().out
+    assert "backbone=scgpt_small peft=full" in out
+    written = "".join((sweep / name).read_text() for name in ("summary.csv", "summary.md", "per_class_f1.csv"))
+    assert "HeadOnly" not in out + written and "FullFineTuning" not in out + written
+
+
+def test_the_peft_column_follows_hydra_choices_then_overrides_then_metrics(tmp_path):
+    sweep = tmp_path / "sweep"
+    # hydra.yaml wins over a class name in metrics.json, and also names a job that failed
+    write_choices(write_run(sweep / "0", overrides=[], metrics=run_metrics(peft="HeadOnly", seed=0, macro_f1=0.7)),
+                  peft="head_only", backbone="scgpt_small")
+    write_choices(write_run(sweep / "1", overrides=["peft=prefix"], failed={"error": "boom", "type": "UserError"}),
+                  peft="prefix", backbone="scgpt_small")
+    # no hydra.yaml: the override, then the option name a new run records
+    write_run(sweep / "2", overrides=["peft=lora"], metrics=run_metrics(peft="LoRA", seed=0, macro_f1=0.8))
+    new_run = run_metrics(peft="encoder_prompt", seed=0, macro_f1=0.6)
+    write_run(sweep / "3", overrides=["trainer.lr=0.1"], metrics=new_run)
+    # a combination: parts in the order of peft.parts
+    combo = write_run(
+        sweep / "4", overrides=["peft=combo", "peft.parts=[token_prompt,encoder_prompt]"],
+        metrics=run_metrics(peft="TokenPrompt+EncoderPrompt", seed=0, macro_f1=0.75),
+    )
+    write_choices(combo, peft="combo", backbone="scgpt_small")
+    parts = {"peft": {"parts": ["token_prompt", "encoder_prompt"]}}
+    (combo / ".hydra" / "config.yaml").write_text(yaml.safe_dump(parts))
+    for seed, recorded in ((1, "combo:token_prompt+lora"), (2, "TokenPrompt+LoRA")):  # a new run, an older one
+        metrics = run_metrics(peft=recorded, seed=seed, macro_f1=0.7)
+        write_run(sweep / str(4 + seed), overrides=[f"seed={seed}"], metrics=metrics)
+    assert report(sweep) == 0
+    summary = summary_of(sweep)
+    strategies = summary[summary["peft"] != "baseline"]
+    assert strategies["peft"].tolist() == [
+        "head_only", "prefix", "lora", "encoder_prompt", "combo:token_prompt+encoder_prompt", "combo:token_prompt+lora",
+    ]
+    assert strategies.loc["backbone=scgpt_small peft=combo:token_prompt+lora", "n_runs"] == 2
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "peft").glob("*.yaml")))
+def test_every_strategy_class_maps_back_to_its_option(option):
+    """Older runs recorded the class name; each conf/peft option's class names that option."""
+    target = yaml.safe_load((CONF / "peft" / f"{option}.yaml").read_text())["_target_"]
+    assert recorded_option(target.rsplit(".", 1)[-1]) == option
+    assert recorded_option(option) == option

@@ -1,7 +1,8 @@
 """A run's configuration name: the overrides that tell it apart from the other runs being reported.
 
 Seeds are averaged and Hydra's own settings do not define a configuration; overrides every run shares
-(e.g. `backbone=scgpt_small` given to the whole sweep) are left out so the names stay short.
+(e.g. `backbone=scgpt_small` given to the whole sweep) are left out so the names stay short. Runs without
+overrides of their own are named by their backbone and peft options (`backbone=scgpt_small peft=full`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ def configuration_namer(runs: Sequence[Run]) -> Callable[[Run], str]:
         distinguishing = [override for override in own if override not in shared] or own
         if distinguishing:
             return " ".join(distinguishing)
-        if run.finished:
-            return f"backbone={run.metrics.get('backbone')} peft={run.metrics.get('peft')}"
+        if run.strategy:  # the option names (`peft=head_only`), never a class name
+            return f"backbone={run.backbone} peft={run.strategy}" if run.backbone else f"peft={run.strategy}"
         return "default"
 
     return name

@@ -14,6 +14,7 @@ import yaml
 
 from scpeft_cli.console import warn
 from scpeft_cli.errors import UserError
+from scpeft_cli.report.options import option_names
 
 CRASHED = "no metrics.json (crashed, killed or still running)"
 
@@ -24,6 +25,8 @@ class Run:
     overrides: list[str]
     metrics: dict[str, Any] | None  # None unless the run finished
     error: str | None = None
+    backbone: str = ""  # the backbone and peft options as chosen (`head_only`, not the class name `HeadOnly`)
+    strategy: str = ""
 
     @property
     def finished(self) -> bool:
@@ -53,12 +56,14 @@ def find_run_dirs(roots: Iterable[Path]) -> list[Path]:
 def load_run(path: Path) -> Run:
     """metrics.json wins: it is written last, so a run that has it finished even if an older failed.json remains."""
     overrides = _read_overrides(path / ".hydra" / "overrides.yaml")
+    metrics, error = None, CRASHED
     if (path / "metrics.json").is_file():
         metrics = _read_json(path / "metrics.json")
-        return Run(path, overrides, metrics) if metrics is not None else Run(path, overrides, None, "unreadable metrics.json")
-    if (path / "failed.json").is_file():
-        return Run(path, overrides, None, _failure_message(_read_json(path / "failed.json") or {}))
-    return Run(path, overrides, None, CRASHED)
+        error = None if metrics is not None else "unreadable metrics.json"
+    elif (path / "failed.json").is_file():
+        error = _failure_message(_read_json(path / "failed.json") or {})
+    backbone, strategy = option_names(path, overrides, metrics)
+    return Run(path, overrides, metrics, error, backbone=backbone, strategy=strategy)
 
 
 def _failure_message(failure: dict[str, Any]) -> str:

@@ -25,11 +25,11 @@ def summarize(runs: list[Run]) -> pd.DataFrame:
 def _strategy_row(name: str, group: list[Run]) -> dict[str, Any]:
     finished = [run.metrics for run in group if run.finished]
     failed = [run for run in group if not run.finished]
-    first = finished[0] if finished else {}
+    first = next((run for run in group if run.finished), group[0])
     return {
         "configuration": name,
-        "backbone": first.get("backbone", ""),
-        "peft": first.get("peft", ""),
+        "backbone": first.backbone,  # option names, as in `backbone=scgpt_small peft=head_only`
+        "peft": first.strategy,
         "n_runs": len(finished),
         "n_failed": len(failed),
         "errors": "; ".join(dict.fromkeys(run.error for run in failed)),
