@@ -21,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-BENCHES = ("strategies", "layers", "tokenize")
+BENCHES = ("strategies", "layers", "tokenize", "tokenize_geneformer")
 OPTIONAL = ("activations",)  # diagnostic: run with --only ... activations
 
 
@@ -32,10 +32,16 @@ def commands(quick: bool, device: str) -> dict[str, list[str]]:
         strategies += ["--sizes", "small", "--cycles", "5", "--memory-rounds", "1", "--suffix", "_quick"]
     layers = [py, str(HERE / "bench_layers.py")] + (["--sizes", "small", "--suffix", "_quick"] if quick else [])
     tokenize = [py, str(HERE / "bench_tokenize.py")] + (["--cells", "2000", "--suffix", "_quick"] if quick else [])
+    tokenize_geneformer = [py, str(HERE / "bench_tokenize_geneformer.py")] + (
+        ["--cells", "2000", "--suffix", "_quick"] if quick else []
+    )
     activations = [py, str(HERE / "bench_saved_activations.py")] + (
         ["--size", "small", "--suffix", "_quick"] if quick else []
     )
-    return {"strategies": strategies, "layers": layers, "tokenize": tokenize, "activations": activations}
+    return {
+        "strategies": strategies, "layers": layers, "tokenize": tokenize, "tokenize_geneformer": tokenize_geneformer,
+        "activations": activations,
+    }
 
 
 def _read(name: str) -> list[dict]:
@@ -86,6 +92,14 @@ def check_targets() -> list[str]:
         lines.append(
             f"{'MET    ' if worst >= 10 else 'NOT MET'} tokenisation speedup {worst:.1f}x (lowest setting; target >= 10x)"
         )
+    geneformer = _read("tokenize_geneformer.csv")
+    if geneformer:
+        for column, reference in (("speedup_vs_h5ad", "upstream's AnnData path"), ("speedup", "upstream's loom path")):
+            worst = min(_f(r, column) for r in geneformer)
+            lines.append(
+                f"{'MET    ' if worst >= 10 else 'NOT MET'} Geneformer tokenisation {worst:.1f}x {reference} "
+                "(lowest setting; target >= 10x)"
+            )
     layers = _read("layers.csv")
     if layers:
         ok = all(r.get("outputs_identical") == "True" for r in layers)

@@ -28,7 +28,7 @@ GENE_ID_KIND_MAJORITY = 0.9
 GENE_ID_KIND_WORDS = {"ensembl": "Ensembl ids", "symbol": "gene symbols", "mixed": "a mix of Ensembl ids and gene symbols"}
 
 
-def _is_token(name: str) -> bool:
+def is_special_token(name: str) -> bool:
     """Special tokens such as <pad>, <cls> are not genes."""
     return name.startswith("<") and name.endswith(">")
 
@@ -36,7 +36,7 @@ def _is_token(name: str) -> bool:
 def _ensembl_counts(genes: Iterable[str]) -> tuple[int, int]:
     """(identifiers that look like Ensembl gene ids, all identifiers), special <tokens> excluded."""
     names = [str(g).strip() for g in genes]
-    names = [g for g in names if not _is_token(g)]
+    names = [g for g in names if not is_special_token(g)]
     return sum(bool(ENSEMBL_GENE_ID.match(g)) for g in names), len(names)
 
 
@@ -130,7 +130,7 @@ class GeneVocab:
 
     @property
     def genes(self) -> list[str]:
-        return [t for t in self.token_to_id if not _is_token(t)]
+        return [t for t in self.token_to_id if not is_special_token(t)]
 
     @property
     def pad_id(self) -> int:
@@ -145,7 +145,7 @@ class GeneVocab:
 
     def lookup(self, genes: Sequence[str]) -> np.ndarray:
         """Token id of each gene, -1 where the vocabulary lacks it (special tokens never match a gene)."""
-        return np.array([-1 if _is_token(g) else self.token_to_id.get(g, -1) for g in genes], dtype=np.int64)
+        return np.array([-1 if is_special_token(g) else self.token_to_id.get(g, -1) for g in genes], dtype=np.int64)
 
     def map_genes(self, genes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         return map_genes(self, genes)
