@@ -155,13 +155,19 @@ def load_state_dict_exactly(model: nn.Module, state: Mapping[str, torch.Tensor],
 
     Silently skipped weights are the classic fine-tuning bug: a model that looks pretrained but is not.
     """
-    expected = model.state_dict()
+    expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    check_tensors(state, expected, source=f"checkpoint {source}", against="the model")
+    model.load_state_dict(state, strict=True)
+
+
+def check_tensors(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], *, source: str, against: str) -> None:
+    """One UserError naming every missing, unexpected and mis-shaped tensor of `state` against `expected` shapes."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     misshaped = [
-        f"{key} {tuple(state[key].shape)} (model expects {tuple(expected[key].shape)})"
+        f"{key} {tuple(state[key].shape)} ({against.split()[-1]} expects {tuple(expected[key])})"
         for key in sorted(set(expected) & set(state))
-        if state[key].shape != expected[key].shape
+        if tuple(state[key].shape) != tuple(expected[key])
     ]
     problems = []
     if missing:
@@ -171,8 +177,7 @@ def load_state_dict_exactly(model: nn.Module, state: Mapping[str, torch.Tensor],
     if misshaped:
         problems.append(f"mis-shaped {_some(misshaped)}")
     if problems:
-        raise UserError(f"checkpoint {source} does not match the model: " + "; ".join(problems))
-    model.load_state_dict(state, strict=True)
+        raise UserError(f"{source} does not match {against}: " + "; ".join(problems))
 
 
 def _some(items: list[str], limit: int = 5) -> str:
