@@ -1,23 +1,51 @@
-"""Generic correctness checks run for every strategy and combination on a tiny scGPT (as huggingface/peft does)."""
+"""The contract matrix: every backbone preset x every strategy and combination, at tiny sizes (as huggingface/peft
+tests every method on one table of cases)."""
 
 from __future__ import annotations
 
+import anndata
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from live_memory import LiveTensorMemory
 from safetensors.torch import load_file
 from torch import nn
 
-from scpeft_cli.assembly import assemble, load_trained
+from scpeft_cli.assembly import assemble, load_trained, parameter_counts
+from scpeft_cli.data.loading import prepare
 from scpeft_cli.errors import UserError
 from scpeft_cli.peft.lora import LoRALinear
 from scpeft_cli.peft.persistence import WEIGHTS_FILE, save_adapter
-from scpeft_cli.training.resources import LiveTensorMemory
+from scpeft_cli.tokenizers.cache import tokenize_cells
 
 GENES = [f"GENE{i}" for i in range(30)]
 N_CLASSES = 4
-TINY_BACKBONE = ["backbone=scgpt_small", "backbone.d_model=16", "backbone.n_heads=2", "backbone.d_hid=24", "backbone.n_layers=4"]
+
+
+def make_cells() -> anndata.AnnData:
+    """Prepared cells (log-normalised X, raw counts, totals) as the data layer hands them to a backbone."""
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(2.0, (6, len(GENES))) * (rng.random((6, len(GENES))) < 0.5)
+    counts[:, 0] += 1  # no empty cell
+    return prepare(
+        sp.csr_matrix(counts.astype(np.float32)), obs=pd.DataFrame(index=[f"c{i}" for i in range(6)]), genes=GENES,
+        source="test", path=None, label_key=None, gene_key=None, layer=None, min_cells_per_class=0, drop_unlabeled=False,
+    )
+
+
+CELLS = make_cells()
+# One tiny size per backbone preset; Geneformer embeds from its second-to-last layer, so it has one layer more.
+BACKBONES = {
+    "scgpt": ["backbone=scgpt_small", "backbone.d_model=16", "backbone.n_heads=2", "backbone.d_hid=24", "backbone.n_layers=4"],
+    "geneformer": ["backbone=geneformer_small", "backbone.d_model=16", "backbone.n_heads=2", "backbone.d_ff=24", "backbone.n_layers=5"],
+    "geneformer_v2": [
+        "backbone=geneformer_small", "backbone.generation=v2", "backbone.d_model=16", "backbone.n_heads=2",
+        "backbone.d_ff=24", "backbone.n_layers=5",
+    ],
+}
+TINY_BACKBONE = BACKBONES["scgpt"]
 
 STRATEGIES = {
     "full": ["peft=full"],
@@ -41,25 +69,46 @@ NOT_IDENTITY_AT_INIT = {"prefix", "prefix_some_layers", "lora_prefix"}
 BACKBONE_FROZEN = set(STRATEGIES) - {"full"}
 
 
-@pytest.fixture
-def build(compose_config):
+@pytest.fixture(params=list(BACKBONES))
+def backbone(request):
+    """Every contract test runs once per backbone preset."""
+    return request.param
+
+
+def _builder(compose_config, backbone: str):
     def _build(case: str, seed: int = 0):
-        cfg = compose_config([*TINY_BACKBONE, *STRATEGIES[case], f"seed={seed}"])
-        return cfg, assemble(cfg, n_classes=N_CLASSES, genes=GENES)
+        cfg = compose_config([*BACKBONES[backbone], *STRATEGIES[case], f"seed={seed}"])
+        return cfg, assemble(cfg, n_classes=N_CLASSES, cells=CELLS)
 
     return _build
 
 
 @pytest.fixture
-def batch(compose_config):
-    cfg = compose_config(TINY_BACKBONE)
-    tokenizer = assemble(cfg, n_classes=N_CLASSES, genes=GENES).backbone.tokenizer
-    rng = np.random.default_rng(0)
-    X = sp.csr_matrix(np.log1p(rng.poisson(2.0, (6, len(GENES))) * (rng.random((6, len(GENES))) < 0.5)))
-    tokens = tokenizer.tokenize(X, GENES, seed=0)
+def build(compose_config, backbone):
+    return _builder(compose_config, backbone)
+
+
+@pytest.fixture
+def build_scgpt(compose_config):
+    return _builder(compose_config, "scgpt")
+
+
+def _batch(parts) -> dict[str, torch.Tensor]:
+    tokenizer = parts.backbone.tokenizer
+    tokens = tokenize_cells(tokenizer, CELLS, seed=0)
     out = tokenizer.collate([tokens.cell(i) for i in range(len(tokens))])
     out["labels"] = torch.tensor([0, 1, 2, 3, 0, 1])
     return out
+
+
+@pytest.fixture
+def batch(build):
+    return _batch(build("head_only")[1])
+
+
+@pytest.fixture
+def batch_scgpt(build_scgpt):
+    return _batch(build_scgpt("head_only")[1])
 
 
 def perturb_trainables(model: nn.Module, seed: int = 1) -> None:
@@ -89,8 +138,10 @@ def test_exactly_the_strategy_and_head_train(build, case):
     trainable = {n for n, p in parts.model.named_parameters() if p.requires_grad}
     assert any(n.startswith("head.") for n in trainable)
     backbone_trainable = {n for n in trainable if n.startswith("backbone.")}
+    unused = {f"backbone.{n}" for n in parts.model.backbone.unused_parameter_names()}
+    assert not trainable & unused, "parameters the forward pass never reads must not train"
     if case == "full":
-        assert trainable == {n for n, _ in parts.model.named_parameters()}
+        assert trainable == {n for n, _ in parts.model.named_parameters()} - unused
     elif case in {"head_only", "linear_probe"}:
         assert not backbone_trainable
     else:
@@ -157,8 +208,9 @@ def test_train_mode_without_dropout_equals_eval_mode(build, batch, case):
     torch.testing.assert_close(eval_out, eval_again, rtol=0, atol=0)
 
 
-def test_keeping_qkv_instead_of_recomputing_changes_memory_only(build, batch):
+def test_keeping_qkv_instead_of_recomputing_changes_memory_only(build_scgpt, batch_scgpt):
     """`trainer.recompute_frozen_qkv` (the backbone's switch): same loss and gradients, q/k/v kept when off."""
+    build, batch = build_scgpt, batch_scgpt
     _, parts = build("token_prompt")
     model = parts.model.train()
     perturb_trainables(model)
@@ -195,7 +247,7 @@ def test_save_and_load_in_a_fresh_model_gives_identical_predictions(build, batch
 
     saved = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("backbone", "peft", "task")}
     save_adapter(parts.model, tmp_path, config={**saved, "seed": cfg.seed, "classes": list("abcd")})
-    parts.backbone.tokenizer.vocab.to_json(tmp_path / "vocab.json")
+    parts.backbone.tokenizer.save(tmp_path)  # a random backbone's gene tables, as a run saves them
 
     reloaded, _ = load_trained(tmp_path)
     reloaded.model.eval()
@@ -205,9 +257,12 @@ def test_save_and_load_in_a_fresh_model_gives_identical_predictions(build, batch
     stored = load_file(tmp_path / WEIGHTS_FILE)
     trainable = {n for n, p in parts.model.named_parameters() if p.requires_grad}
     assert set(stored) == trainable, "the adapter file must hold exactly the trained tensors"
+    # what `describe` reports trains is what the adapter holds
+    assert parameter_counts(parts.model)["trainable_params"] == sum(t.numel() for t in stored.values())
+    assert parts.strategy.placement(parts.model.backbone)
 
 
-def test_lora_update_counts_once_in_eval_and_after_reload(build, batch):
+def test_lora_update_counts_once_in_eval_and_after_reload(build):
     _, parts = build("lora")
     perturb_trainables(parts.model)
     parts.model.eval()
@@ -226,17 +281,17 @@ def test_lora_update_counts_once_in_eval_and_after_reload(build, batch):
 
 def test_encoder_prompt_sits_in_the_first_half_of_the_layers(build):
     _, parts = build("encoder_prompt")
-    layers = parts.model.backbone.layers
+    layers = parts.model.backbone.active_layers
     assert [not isinstance(layer.scpeft_attn_adapter, nn.Identity) for layer in layers] == [True, True, False, False]
     assert [layer.scpeft_ffn_adapter is not None for layer in layers] == [True, True, False, False]
     _, package = build("encoder_prompt_package")
-    assert all(layer.scpeft_ffn_adapter is None for layer in package.model.backbone.layers)
+    assert all(layer.scpeft_ffn_adapter is None for layer in package.model.backbone.active_layers)
 
 
 def test_two_strategies_on_one_insertion_point_is_an_error(compose_config):
     cfg = compose_config([*TINY_BACKBONE, "peft=combo", "peft.parts=[encoder_prompt,encoder_prompt]"])
     with pytest.raises(UserError, match="already used"):
-        assemble(cfg, n_classes=N_CLASSES, genes=GENES)
+        assemble(cfg, n_classes=N_CLASSES, cells=CELLS)
 
 
 @pytest.mark.parametrize(
@@ -256,4 +311,20 @@ def test_two_strategies_on_one_insertion_point_is_an_error(compose_config):
 def test_invalid_hyperparameters_are_clear_errors(compose_config, overrides, message):
     cfg = compose_config([*TINY_BACKBONE, *overrides])
     with pytest.raises(UserError, match=message):
-        assemble(cfg, n_classes=N_CLASSES, genes=GENES)
+        assemble(cfg, n_classes=N_CLASSES, cells=CELLS)
+
+
+def test_a_strategy_or_setting_the_backbone_cannot_honour_is_one_clear_error(build_scgpt):
+    from scpeft_cli.assembly import build_backbone
+    from scpeft_cli.peft.prefix import Prefix
+    from scpeft_cli.peft.token_prompt import TokenPrompt
+
+    cfg, _ = build_scgpt("head_only")
+    backbone = build_backbone(cfg, cells=CELLS).model
+    backbone.supports = frozenset({"recompute_frozen_qkv"})  # a backbone offering no prompt points
+    with pytest.raises(UserError, match="peft=TokenPrompt needs the backbone's token_adapter, which scGPT does not offer"):
+        TokenPrompt().attach(backbone)
+    with pytest.raises(UserError, match="needs the backbone's prompts"):
+        Prefix().attach(backbone)
+    with pytest.raises(UserError, match="trainer.grad_checkpointing needs the backbone's grad_checkpointing"):
+        backbone.set_memory_options(grad_checkpointing=True, recompute_frozen_qkv=True)
