@@ -166,7 +166,7 @@ def run_annotation(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         return parts.task.metrics(y_true, y_pred, len(cells.classes))
 
     counts = parameter_counts(parts.model)
-    info(f"strategy {parts.strategy.name}: {counts['trainable_params']:,} of {counts['total_params']:,} parameters train ({100 * counts['trainable_fraction']:.2f}%)")
+    info(f"strategy {strategy_option(cfg)}: {counts['trainable_params']:,} of {counts['total_params']:,} parameters train ({100 * counts['trainable_fraction']:.2f}%)")
     with PeakMemory(trainer.device) as memory:
         fit = trainer.fit(
             parts.model, train_loader=loader("train", train=True), val_loader=loader("val"), loss_fn=loss_fn,

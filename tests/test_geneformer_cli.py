@@ -17,7 +17,7 @@ import scipy.sparse as sp
 import torch
 
 from tests.conftest import run_cli
-from tests.test_geneformer_checkpoint import GENES, N_LAYERS, token_dictionary, write_model
+from tests.test_geneformer_checkpoint import GENES, N_LAYERS, evil_pickle, token_dictionary, write_model
 from tests.test_geneformer_tokenizer import reference
 
 TINY_GENEFORMER = [
@@ -121,7 +121,8 @@ def test_embed_with_an_official_checkpoint_reproduces_geneformers_cell_embedding
     [
         ("no dictionaries", r"dictionar"),
         ("symbols without mapping", r"none of the 20 genes are in the model vocabulary .*gene symbols.*Ensembl ids"),
-        ("config contradicts tensors", r"does not match|mis-shaped|hidden_size"),
+        ("config contradicts tensors", r"does not match its config.json: mis-shaped"),
+        ("code-running dictionary", r"token_dictionary_gc30M.pkl"),
     ],
 )
 def test_bad_geneformer_inputs_are_one_line_exit_2(tmp_path, problem, match):
@@ -130,6 +131,9 @@ def test_bad_geneformer_inputs_are_one_line_exit_2(tmp_path, problem, match):
     genes = GENES
     if problem == "symbols without mapping":  # symbols the dictionaries do not map to Ensembl ids
         genes = [f"SYMBOL{i}" for i in range(len(GENES))]
+    marker = tmp_path / "code_ran"
+    if problem == "code-running dictionary":
+        (folder / "token_dictionary_gc30M.pkl").write_bytes(evil_pickle(marker))
     if problem == "config contradicts tensors":
         config = json.loads((folder / "config.json").read_text())
         config["intermediate_size"] += 8
@@ -144,6 +148,7 @@ def test_bad_geneformer_inputs_are_one_line_exit_2(tmp_path, problem, match):
     error = [line for line in output.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "Traceback" not in output, output
     assert re.search(match, error[0]), error[0]
+    assert not marker.exists(), "a pickle's code ran"
 
 
 def test_describe_counts_the_published_geneformer(tmp_path):
