@@ -183,6 +183,7 @@ CONFIG_CASES = {
     "unknown group option": (["peft=nonsense"], r"unknown peft option 'nonsense'; choose from: .*lora"),
     "unknown key": (["trainer.learning_rate=0.1"], r"trainer.learning_rate"),
     "negative learning rate": (["trainer.lr=-0.1"], r"trainer.lr must be positive"),
+    "no epochs": (["trainer.max_epochs=0"], r"trainer.max_epochs must be a whole number >= 1, got 0"),
     "negative checkpointed layers": (["trainer.grad_checkpointing=-1"], r"trainer.grad_checkpointing=-1: use true"),
     "recompute switch not a boolean": (["trainer.recompute_frozen_qkv=sometimes"], r"trainer.recompute_frozen_qkv='sometimes' is not valid: expected true or false"),
     "rank zero": (["peft=lora", "peft.r=0"], r"peft.r \(LoRA rank\) must be >= 1"),

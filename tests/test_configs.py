@@ -64,3 +64,11 @@ def test_default_run_is_the_embedded_cpu_demo(compose_config):
 def test_every_option_is_documented():
     for path in CONF.rglob("*.yaml"):
         assert path.read_text().lstrip().startswith("#"), f"{path} has no leading comment saying what it is"
+
+
+def test_the_default_learning_rate_follows_the_checkpoint(compose_config):
+    """1e-4 (the published protocol) with a checkpoint, 1e-3 for a random backbone; a number overrides both."""
+    assert compose_config(["backbone=scgpt"]).trainer.lr == 1e-3
+    assert compose_config(["backbone=scgpt", "backbone.checkpoint=/some/dir"]).trainer.lr == 1e-4
+    assert compose_config(["backbone=geneformer", "backbone.checkpoint=/some/dir"]).trainer.lr == 1e-4
+    assert compose_config(["backbone.checkpoint=/some/dir", "trainer.lr=0.01"]).trainer.lr == 0.01

@@ -54,6 +54,41 @@ def test_pbmc68k_reduced_is_prepared_from_raw():
     assert adata.X.data.min() >= 0
 
 
+def test_pbmc68k_reduced_counts_are_recovered_with_its_totals():
+    """Its .raw holds log-normalised values; obs['n_counts'] (over all genes of the original file) turns them back."""
+    adata = load_pbmc68k_reduced()
+    counts = adata.layers["counts"]
+    assert adata.uns["scpeft_input"]["counts"] == "recovered"
+    assert np.array_equal(counts.data, np.round(counts.data)) and counts.data.min() >= 1
+    np.testing.assert_array_equal(adata.obs["scpeft_total_counts"], adata.obs["n_counts"])
+    recomputed = np.log1p(counts.multiply(1e4 / adata.obs["n_counts"].to_numpy()[:, None]).toarray())
+    np.testing.assert_allclose(recomputed, adata.X.toarray(), atol=2e-3)
+    assert (np.asarray(counts.sum(axis=1)).ravel() < adata.obs["n_counts"].to_numpy()).all()  # 765 of all genes
+
+
+def test_counts_are_kept_with_totals_over_all_genes_before_gene_selection(tmp_path):
+    source = make_counts(n_genes=40)
+    adata = read_h5ad(path=write(source, tmp_path), label_key="celltype", n_top_genes=10)
+    assert adata.n_vars == 10 and adata.uns["scpeft_input"]["counts"] == "given"
+    np.testing.assert_array_equal(adata.obs["scpeft_total_counts"], source.X.sum(axis=1))
+    np.testing.assert_array_equal(adata.layers["counts"].toarray(), source[:, adata.var_names].X)
+
+
+def test_log_normalised_input_without_totals_has_no_counts_and_a_counts_tokenizer_says_so(tmp_path):
+    from scpeft_cli.tokenizers.base import tokenizer_input
+
+    source = make_counts()
+    source.X = np.log1p(source.X / source.X.sum(axis=1, keepdims=True) * 1e4).astype(np.float32)
+    adata = read_h5ad(path=write(source, tmp_path), label_key="celltype")
+    assert "counts" not in adata.layers and adata.uns["scpeft_input"]["counts"] == "unknown"
+
+    class CountsTokenizer:
+        input_kind = "counts"
+
+    with pytest.raises(UserError, match="this backbone tokenises raw counts.*obs\\['n_counts'\\]"):
+        tokenizer_input(adata, CountsTokenizer())
+
+
 def test_pbmc68k_reduced_min_cells_per_class_drops_small_classes():
     adata = load_pbmc68k_reduced(min_cells_per_class=10)
     assert "CD4+/CD45RA+/CD25- Naive T" not in adata.obs["label"].cat.categories  # 8 cells

@@ -123,6 +123,7 @@ def test_embed_with_an_official_checkpoint_reproduces_geneformers_cell_embedding
         ("symbols without mapping", r"none of the 20 genes are in the model vocabulary .*gene symbols.*Ensembl ids"),
         ("config contradicts tensors", r"does not match its config.json: mis-shaped"),
         ("code-running dictionary", r"token_dictionary_gc30M.pkl"),
+        ("log-normalised data without totals", r"this backbone tokenises raw counts.*obs\['n_counts'\]"),
     ],
 )
 def test_bad_geneformer_inputs_are_one_line_exit_2(tmp_path, problem, match):
@@ -139,6 +140,11 @@ def test_bad_geneformer_inputs_are_one_line_exit_2(tmp_path, problem, match):
         config["intermediate_size"] += 8
         (folder / "config.json").write_text(json.dumps(config))
     counts_file(tmp_path / "cells.h5ad", genes)
+    if problem == "log-normalised data without totals":
+        cells = anndata.read_h5ad(tmp_path / "cells.h5ad")
+        sc.pp.normalize_total(cells, target_sum=1e4)
+        sc.pp.log1p(cells)
+        cells.write_h5ad(tmp_path / "cells.h5ad")
     result = run_cli(
         "embed", "backbone=geneformer", f"backbone.checkpoint={folder}", "data=h5ad", f"data.path={tmp_path / 'cells.h5ad'}",
         f"output={tmp_path / 'emb.h5ad'}", f"hydra.run.dir={tmp_path / 'log'}", check=False,
@@ -156,3 +162,21 @@ def test_describe_counts_the_published_geneformer(tmp_path):
     report = json.loads((tmp_path / "describe.json").read_text())
     backbone = sum(group["total"] for name, group in report["groups"].items() if name.startswith("backbone"))
     assert backbone == pytest.approx(39.30e6, rel=1e-3), result.stdout
+
+
+def test_inspect_reports_the_overlap_through_the_dictionaries_without_reading_weights(tmp_path):
+    folder = tmp_path / "Geneformer"
+    write_model(folder, v2=False)
+    (folder / "model.safetensors").write_bytes(b"never read by inspect")
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(3, (30, len(GENES))).astype(np.float32) + 1
+    obs = pd.DataFrame({"cell_type": ["a", "b", "c"] * 10}, index=[f"c{i}" for i in range(30)])
+    symbols = [f"GENE{i}" for i in range(len(GENES))]  # the dictionaries map them to Ensembl ids
+    anndata.AnnData(sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=symbols)).write_h5ad(tmp_path / "cells.h5ad")
+    run_cli(
+        "inspect", "backbone=geneformer", f"backbone.checkpoint={folder}", "data=h5ad", f"data.path={tmp_path / 'cells.h5ad'}",
+        "data.label_key=cell_type", f"hydra.run.dir={tmp_path / 'log'}",
+    )  # fmt: skip
+    report = json.loads((tmp_path / "log" / "inspect.json").read_text())
+    assert report["ok"] and report["vocab_overlap"]["count"] == len(GENES)
+    assert report["vocab_overlap"]["source"] == "checkpoint" and report["vocab_overlap"]["vocab_id_kind"] == "ensembl"
