@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     for strategy in args.strategies:
         cfg = compose_config(SIZES[args.size]["overrides"] + STRATEGIES[strategy] + args.override)
         with contextlib.redirect_stdout(io.StringIO()):
-            parts = assemble(cfg, n_classes=int(cfg.task.n_classes), cells=anndata.AnnData(var=pd.DataFrame(index=genes)))
+            parts = assemble(cfg, head_settings={"n_classes": int(cfg.task.n_classes)}, cells=anndata.AnnData(var=pd.DataFrame(index=genes)))
         model = parts.model.train()
         batch = synthetic_batch(
             parts.backbone.tokenizer,

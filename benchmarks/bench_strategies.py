@@ -180,7 +180,7 @@ class Run:
         genes = [f"G{i:05d}" for i in range(spec["n_genes"])]
         started = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):  # the "randomly initialised" warning, once per build
-            parts = assemble(cfg, n_classes=int(cfg.task.n_classes), cells=anndata.AnnData(var=pd.DataFrame(index=genes)))
+            parts = assemble(cfg, head_settings={"n_classes": int(cfg.task.n_classes)}, cells=anndata.AnnData(var=pd.DataFrame(index=genes)))
         self.model = parts.model.to(self.device)
         self.task = parts.task
         trainer_cfg = cfg.get("trainer", {})

@@ -48,9 +48,9 @@ def restrict_to_training_genes(cells: anndata.AnnData, adapter_dir: Path) -> ann
 
 
 def cell_loader(tokens: TokenizedCells, collate, *, batch_size: int):
-    """All cells in file order (labels unused)."""
+    """All cells in file order."""
     return make_loader(
-        CellTokens(tokens, np.zeros(len(tokens), dtype=np.int64), np.arange(len(tokens))),
+        CellTokens(tokens, {}, np.arange(len(tokens))),
         collate, batch_size=batch_size, shuffle=False, seed=0,
     )
 

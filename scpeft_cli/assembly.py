@@ -16,7 +16,7 @@ from scpeft_cli.instantiate import instantiate
 from scpeft_cli.peft.base import Strategy
 from scpeft_cli.peft.model import PeftModel
 from scpeft_cli.peft.persistence import load_adapter, read_adapter_config
-from scpeft_cli.tasks.annotation import AnnotationTask
+from scpeft_cli.tasks.base import Task
 
 
 def seed_everything(seed: int) -> None:
@@ -29,7 +29,7 @@ def seed_everything(seed: int) -> None:
 class Assembly:
     backbone: LoadedBackbone
     strategy: Strategy
-    task: AnnotationTask
+    task: Task
     model: PeftModel
 
 
@@ -48,22 +48,25 @@ def read_vocabulary(cfg: DictConfig):
     return instantiate(cfg.backbone, seed=cfg.seed, vocab_only=True)
 
 
-def attach(cfg: DictConfig, backbone: LoadedBackbone, *, n_classes: int, strategy: Strategy | None = None) -> Assembly:
-    """Strategy (built from cfg.peft unless given) + task head around a built backbone, seeded."""
+def attach(cfg: DictConfig, backbone: LoadedBackbone, *, head_settings: dict, strategy: Strategy | None = None) -> Assembly:
+    """Strategy (built from cfg.peft unless given) + task head around a built backbone, seeded.
+
+    `head_settings`: what the task's head needs (`TaskData.head_settings`, saved with the adapter).
+    """
     strategy = strategy or instantiate(cfg.peft)
-    task: AnnotationTask = instantiate(cfg.task)
+    task: Task = instantiate(cfg.task)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        head = task.build_head(strategy.head, backbone.model.d_model, n_classes)
+        head = task.build_head(strategy.head, backbone.model.d_model, head_settings)
         model = PeftModel(backbone.model, head, strategy)
     return Assembly(backbone=backbone, strategy=strategy, task=task, model=model)
 
 
-def assemble(cfg: DictConfig | dict, *, n_classes: int, cells=None, saved: Path | None = None) -> Assembly:
+def assemble(cfg: DictConfig | dict, *, head_settings: dict, cells=None, saved: Path | None = None) -> Assembly:
     """Backbone, strategy, task head and the combined model from `backbone`, `peft`, `task`, `seed`
     (a run's config or a saved adapter's)."""
     cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-    return attach(cfg, build_backbone(cfg, cells=cells, saved=saved), n_classes=n_classes)
+    return attach(cfg, build_backbone(cfg, cells=cells, saved=saved), head_settings=head_settings)
 
 
 def load_trained(adapter_dir: str | Path) -> tuple[Assembly, dict]:
@@ -71,7 +74,7 @@ def load_trained(adapter_dir: str | Path) -> tuple[Assembly, dict]:
     random weights and vocabulary), same strategy and head, trained tensors loaded exactly."""
     adapter_dir = Path(adapter_dir)
     saved = read_adapter_config(adapter_dir)
-    parts = assemble(saved, n_classes=len(saved["classes"]), saved=adapter_dir)
+    parts = assemble(saved, head_settings=saved, saved=adapter_dir)
     load_adapter(parts.model, adapter_dir)
     return parts, saved
 

@@ -31,11 +31,11 @@ def uninterrupted(tmp_path_factory):
     return run_dir
 
 
-def start_and_interrupt(run_dir, sig) -> subprocess.Popen:
+def start_and_interrupt(run_dir, sig, overrides=RUN) -> subprocess.Popen:
     """Start a run, wait for its epoch-1 checkpoint, then signal it inside epoch 2."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "scpeft_cli", "train", *RUN, f"hydra.run.dir={run_dir}"],
+        [sys.executable, "-m", "scpeft_cli", "train", *overrides, f"hydra.run.dir={run_dir}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     checkpoint = run_dir / "checkpoint" / "last.pt"

@@ -88,7 +88,7 @@ def backbone(request):
 def _builder(compose_config, backbone: str):
     def _build(case: str, seed: int = 0):
         cfg = compose_config([*BACKBONES[backbone], *STRATEGIES[case], f"seed={seed}"])
-        return cfg, assemble(cfg, n_classes=N_CLASSES, cells=CELLS)
+        return cfg, assemble(cfg, head_settings={"n_classes": N_CLASSES}, cells=CELLS)
 
     return _build
 
@@ -301,7 +301,7 @@ def test_encoder_prompt_sits_in_the_first_half_of_the_layers(build):
 def test_two_strategies_on_one_insertion_point_is_an_error(compose_config):
     cfg = compose_config([*TINY_BACKBONE, "peft=combo", "peft.parts=[encoder_prompt,encoder_prompt]"])
     with pytest.raises(UserError, match="already used"):
-        assemble(cfg, n_classes=N_CLASSES, cells=CELLS)
+        assemble(cfg, head_settings={"n_classes": N_CLASSES}, cells=CELLS)
 
 
 @pytest.mark.parametrize(
@@ -321,7 +321,7 @@ def test_two_strategies_on_one_insertion_point_is_an_error(compose_config):
 def test_invalid_hyperparameters_are_clear_errors(compose_config, overrides, message):
     cfg = compose_config([*TINY_BACKBONE, *overrides])
     with pytest.raises(UserError, match=message):
-        assemble(cfg, n_classes=N_CLASSES, cells=CELLS)
+        assemble(cfg, head_settings={"n_classes": N_CLASSES}, cells=CELLS)
 
 
 def test_a_strategy_or_setting_the_backbone_cannot_honour_is_one_clear_error(build_scgpt):

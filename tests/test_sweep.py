@@ -8,8 +8,9 @@ import pytest
 
 from scpeft_cli.assembly import load_trained
 from scpeft_cli.data.loading import load_pbmc68k_reduced
+from scpeft_cli.tasks.annotation import AnnotationTask
 from scpeft_cli.training.loaders import CellTokens, make_loader
-from scpeft_cli.training.trainer import Trainer
+from scpeft_cli.training.runtime import Runtime
 from tests.conftest import TINY, run_cli
 
 SWEPT = ["head_only", "linear_probe", "token_prompt", "encoder_prompt", "prefix", "lora", "hf", "combo"]
@@ -48,13 +49,8 @@ def test_reloaded_adapter_reproduces_the_test_predictions(sweep_dir):
     index = adata.obs_names.get_indexer(test["cell_id"])
     tokens = parts.backbone.tokenizer.tokenize(adata.X, adata.var_names, seed=saved["seed"])
     labels = np.asarray(adata.obs["label"].cat.codes)
-    loader = make_loader(CellTokens(tokens, labels, index), parts.backbone.tokenizer.collate, batch_size=64, shuffle=False, seed=0)
-    trainer = Trainer(
-        optimizer=None, scheduler=None, lr=1.0, max_epochs=1, max_steps=None, batch_size=1, eval_batch_size=64,
-        grad_clip=None, patience=None, monitor="val_loss", precision="fp32", device="cpu",
-        class_weighted_loss=False, balanced_sampler=False, num_workers=0,
-    )
-    evaluation = trainer.evaluate(parts.model, loader, lambda logits, y: logits.sum() * 0)
+    loader = make_loader(CellTokens(tokens, {"labels": labels}, index), parts.backbone.tokenizer.collate, batch_size=64, shuffle=False, seed=0)
+    evaluation = AnnotationTask().evaluate(parts.model, loader, Runtime.create(device="cpu", precision="fp32"))
     predicted = np.asarray(saved["classes"])[evaluation.predictions]
     assert (predicted == test["prediction"].to_numpy()).all()
 

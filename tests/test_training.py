@@ -10,6 +10,7 @@ from scpeft_cli.errors import UserError
 from scpeft_cli.peft.finetune import FullFineTuning
 from scpeft_cli.peft.model import PeftModel
 from scpeft_cli.tasks.annotation import AnnotationTask
+from scpeft_cli.tasks.base import TaskData
 from scpeft_cli.tokenizers.base import TokenizedCells
 from scpeft_cli.training.loaders import CellTokens, make_loader
 from scpeft_cli.training.trainer import Trainer
@@ -52,14 +53,14 @@ def make_trainer(**overrides):
 
 def test_balanced_sampler_draws_classes_about_equally():
     labels = np.array([0] * 90 + [1] * 10)
-    loader = make_loader(CellTokens(toy_tokens(100), labels, np.arange(100)), collate, batch_size=50, shuffle=True, seed=0, balanced=True)
+    loader = make_loader(CellTokens(toy_tokens(100), {"labels": labels}, np.arange(100)), collate, batch_size=50, shuffle=True, seed=0, balanced=True)
     drawn = torch.cat([batch["labels"] for _ in range(20) for batch in loader]).numpy()
     assert 0.4 < drawn.mean() < 0.6  # class 1 is 10% of cells but about half of the draws
 
 
 def test_loader_order_depends_only_on_the_seed():
     labels = np.zeros(40, dtype=int)
-    data = CellTokens(toy_tokens(40), labels, np.arange(40))
+    data = CellTokens(toy_tokens(40), {"labels": labels}, np.arange(40))
 
     def order(seed):
         return torch.cat([b["gene_ids"][:, 0] for b in make_loader(data, collate, batch_size=8, shuffle=True, seed=seed)]).tolist()
@@ -73,14 +74,18 @@ def test_class_weights_follow_one_minus_share_squared():
 
 
 def fit_toy(trainer, labels):
+    """The annotation task's objective and validation scores on a toy model (every cell is train and val)."""
     model = PeftModel(ToyBackbone(), nn.Linear(8, 2), FullFineTuning())
-    data = CellTokens(toy_tokens(len(labels)), labels, np.arange(len(labels)))
+    cells = np.arange(len(labels))
+    data = CellTokens(toy_tokens(len(labels)), {"labels": labels}, cells)
     train = make_loader(data, collate, batch_size=trainer.batch_size, shuffle=True, seed=0)
     val = make_loader(data, collate, batch_size=16, shuffle=False, seed=0)
     task = AnnotationTask()
+    task_data = TaskData(adata=None, index={"train": cells, "val": cells}, targets={"labels": labels},
+                         head_settings={"classes": ["a", "b"]})  # fmt: skip
     result = trainer.fit(
-        model, train_loader=train, val_loader=val, loss_fn=task.loss,
-        metrics_fn=lambda y, p: task.metrics(y, p, 2),
+        model, train_loader=train, objective=task.objective(task_data, trainer),
+        validate=task.validate(task_data, trainer, val), monitors=task.monitors,
     )
     return model, result, val
 
@@ -92,7 +97,7 @@ def test_max_steps_stops_training_and_best_state_is_restored():
     assert result.steps == 5 and len(result.history) == 2
     best = min(result.history, key=lambda r: r["val_loss"])
     assert result.best_epoch == best["epoch"]
-    assert trainer.evaluate(model, val, AnnotationTask.loss).loss == pytest.approx(best["val_loss"], rel=1e-6)
+    assert AnnotationTask().evaluate(model, val, trainer.runtime).loss == pytest.approx(best["val_loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize("recompute", [True, False])
@@ -111,9 +116,14 @@ def test_early_stopping_and_monitor_direction():
     assert result.best_score == max(r["val_macro_f1"] for r in result.history)
 
 
+def test_a_monitor_the_task_does_not_score_is_a_clear_error():
+    with pytest.raises(UserError, match="trainer.monitor=val_auc is not one of this task's validation scores: val_loss, val_macro_f1"):
+        fit_toy(make_trainer(monitor="val_auc"), (np.arange(16) % 2).astype(int))
+
+
 BAD_SETTINGS = [
     ({"lr": -1.0}, "trainer.lr"),
-    ({"monitor": "val_auc"}, "trainer.monitor"),
+    ({"max_epochs": 0}, "trainer.max_epochs must be a whole number >= 1"),
     ({"recompute_frozen_qkv": "sometimes"}, "trainer.recompute_frozen_qkv='sometimes': use true or false"),
 ]
 if not torch.cuda.is_available():  # bf16 is refused only where the device lacks it

@@ -9,13 +9,13 @@ from omegaconf import DictConfig
 from rich.table import Table
 
 from scpeft_cli import artifacts
-from scpeft_cli.annotation_run import OPTIONS, strategy_option
 from scpeft_cli.assembly import Assembly, attach, build_backbone, parameter_counts
 from scpeft_cli.backbones.base import DataNeeded
 from scpeft_cli.commands.guard import guarded
 from scpeft_cli.console import console
 from scpeft_cli.instantiate import instantiate
 from scpeft_cli.paths import config_dir
+from scpeft_cli.tasks.runner import OPTIONS, strategy_option
 
 
 def _assemble(cfg: DictConfig) -> tuple[Assembly, int]:
@@ -30,7 +30,7 @@ def _assemble(cfg: DictConfig) -> tuple[Assembly, int]:
         adata = instantiate(cfg.data)
         backbone = build_backbone(cfg, cells=adata)
     n_classes = int(cfg.task.n_classes or len(adata.obs["label"].cat.categories))
-    return attach(cfg, backbone, n_classes=n_classes), n_classes
+    return attach(cfg, backbone, head_settings={"n_classes": n_classes}), n_classes
 
 
 def describe(cfg: DictConfig, run_dir: Path) -> dict:

@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 
 from scpeft_cli import artifacts
-from scpeft_cli.annotation_run import OPTIONS
 from scpeft_cli.assembly import read_vocabulary
 from scpeft_cli.commands.guard import guarded
 from scpeft_cli.console import console, warn
@@ -26,6 +25,7 @@ from scpeft_cli.data import preflight
 from scpeft_cli.errors import UserError
 from scpeft_cli.instantiate import instantiate
 from scpeft_cli.paths import config_dir
+from scpeft_cli.tasks.runner import OPTIONS
 from scpeft_cli.tokenizers.vocab import GENE_ID_KIND_WORDS, GeneVocab
 
 INPUT_WORDS = {

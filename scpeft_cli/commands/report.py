@@ -10,6 +10,7 @@ from rich.markup import escape
 
 from scpeft_cli.console import console, info, warn
 from scpeft_cli.errors import UserError
+from scpeft_cli.report.formatting import default_metric
 from scpeft_cli.report.gates import (
     Failure,
     check_known,
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-drop", type=float, metavar="D", help="largest allowed fall of the --metric mean below --baseline (default 0)"
     )
     parser.add_argument(
-        "--metric", default="macro_f1", help="metric of the chart and the --baseline check (default: macro_f1)"
+        "--metric", default=None, help="metric of the chart and the --baseline check (default: macro_f1, or the task's first score)"
     )
     return parser
 
@@ -83,11 +84,12 @@ def report(args: argparse.Namespace) -> int:
     if args.max_drop is not None and (args.baseline is None or args.max_drop < 0):
         raise UserError("--max-drop needs --baseline and a value >= 0")
     requirements = [parse_requirement(text) for text in args.require]
-    baseline = read_baseline(args.baseline, metric=args.metric) if args.baseline else None
     runs = [load_run(path) for path in find_run_dirs(args.dirs)]
     if not runs:
         raise UserError(f"no run dirs (with metrics.json, failed.json or .hydra/) under {', '.join(map(str, args.dirs))}")
     summary = summarize(runs)
+    args.metric = args.metric or default_metric(summary) or "macro_f1"
+    baseline = read_baseline(args.baseline, metric=args.metric) if args.baseline else None
     for requirement in requirements:
         check_known(strategies(summary), requirement.metric, option="--require")
     check_known(summary, args.metric, option="--metric")

@@ -8,10 +8,9 @@ import pandas as pd
 
 from scpeft_cli.report.summary import metric_names
 
-MAIN_METRICS = (
-    "accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "trainable_params", "trainable_fraction",
-    "adapter_bytes", "train_seconds", "cells_per_second", "peak_memory_mb",
-)
+SCORES = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1")  # annotation's
+EFFICIENCY = ("trainable_params", "trainable_fraction", "adapter_bytes", "train_seconds", "cells_per_second", "peak_memory_mb")
+MAIN_METRICS = (*SCORES, *EFFICIENCY)
 FORMATS = {
     "trainable_params": ",.0f",
     "adapter_bytes": ",.0f",
@@ -24,9 +23,18 @@ SCORE = ".3f"
 
 
 def main_metrics(summary: pd.DataFrame) -> list[str]:
-    """The columns a person compares first, among those that exist."""
-    present = set(metric_names(summary))
-    return [metric for metric in MAIN_METRICS if metric in present]
+    """The columns a person compares first, among those that exist: the task's scores (annotation's, or
+    a task's first four metrics), then the efficiency columns."""
+    names = metric_names(summary)
+    scores = [metric for metric in SCORES if metric in names]
+    scores = scores or [metric for metric in names if metric not in EFFICIENCY][:4]
+    return [*scores, *(metric for metric in EFFICIENCY if metric in names)]
+
+
+def default_metric(summary: pd.DataFrame) -> str | None:
+    """The chart's metric when --metric is not given: macro F1 where the runs have it, else the first score."""
+    scores = main_metrics(summary)
+    return "macro_f1" if "macro_f1" in scores else (scores[0] if scores else None)
 
 
 def mean_std_text(row: dict[str, Any], metric: str, *, no_std: str) -> str:

@@ -34,7 +34,7 @@ class ProcessGroup:
         """This process's rows of a global batch, and the weight that makes its mean loss exact."""
         if not self.enabled:
             return batch, 1.0
-        n = len(batch["labels"])
+        n = len(batch["gene_ids"])
         rows = torch.arange(self.rank, n, self.world_size)
         local = {key: value[rows] for key, value in batch.items()}
         return local, len(rows) * self.world_size / n

@@ -8,24 +8,26 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
+from scpeft_cli.errors import UserError
 from scpeft_cli.tokenizers.base import TokenizedCells
 
 
 class CellTokens(Dataset):
-    """The cells at `indices` of a tokenised dataset, with their integer labels."""
+    """The cells at `indices` of a tokenised dataset, with the per-cell arrays a task's batches carry
+    (`targets`, e.g. {"labels": ...}: each becomes a batch tensor of that name)."""
 
-    def __init__(self, tokens: TokenizedCells, labels: np.ndarray, indices: np.ndarray):
+    def __init__(self, tokens: TokenizedCells, targets: dict[str, np.ndarray], indices: np.ndarray):
         self.tokens = tokens
-        self.labels = labels
+        self.targets = targets
         self.indices = np.asarray(indices)
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, int]:
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray | None, dict]:
         cell = int(self.indices[i])
         gene_ids, values = self.tokens.cell(cell)
-        return gene_ids, values, int(self.labels[cell])
+        return gene_ids, values, {name: array[cell] for name, array in self.targets.items()}
 
 
 class LengthGroupedSampler(Sampler[int]):
@@ -87,14 +89,18 @@ def make_loader(
 
     def collate(items):
         batch = collate_cells([(ids, vals) for ids, vals, _ in items])
-        batch["labels"] = torch.tensor([label for _, _, label in items], dtype=torch.long)
+        for name in dataset.targets:
+            values = np.asarray([targets[name] for _, _, targets in items])
+            batch[name] = torch.as_tensor(values.astype(np.int64) if values.dtype.kind in "iub" else values)
         return batch
 
     generator = torch.Generator().manual_seed(seed)
     sampler = None
     lengths = dataset.tokens.lengths[dataset.indices]
     if balanced:
-        labels = dataset.labels[dataset.indices]
+        if "labels" not in dataset.targets:
+            raise UserError("trainer.balanced_sampler=true needs cell labels, which this task has none of")
+        labels = dataset.targets["labels"][dataset.indices]
         weights = 1.0 / np.bincount(labels)[labels]
         sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(labels), generator=generator)
     elif shuffle and group_by_length:

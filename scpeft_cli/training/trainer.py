@@ -1,10 +1,13 @@
-"""One training loop for every task: optimiser, schedule, AMP, clipping, early stopping, best-val selection."""
+"""One training loop for every task: optimiser, schedule, AMP, clipping, early stopping, best-val selection.
+
+The task supplies what differs (`scpeft_cli.tasks.base.Task`): the training objective of a batch and the
+validation scores of an epoch, one of which (`trainer.monitor`) picks the best epoch.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,28 +31,11 @@ from scpeft_cli.training.distributed import process_group
 from scpeft_cli.training.interrupt import TrainingInterrupted, stop_on_signals
 from scpeft_cli.training.runtime import Runtime
 
-# Which validation score picks the best epoch, and whether lower (-1) or higher (+1) is better.
-MONITORS = {"val_loss": -1, "val_macro_f1": 1, "val_accuracy": 1}
-
-
-@dataclass
-class Evaluation:
-    """Model outputs over one loader, in loader order."""
-
-    loss: float
-    logits: np.ndarray
-    embeddings: np.ndarray
-    labels: np.ndarray
-
-    @property
-    def predictions(self) -> np.ndarray:
-        return self.logits.argmax(axis=1)
-
-    @property
-    def confidence(self) -> np.ndarray:
-        """Softmax probability of the predicted class."""
-        shifted = np.exp(self.logits - self.logits.max(axis=1, keepdims=True))
-        return (shifted / shifted.sum(axis=1, keepdims=True)).max(axis=1)
+# A training objective: (model, batch) -> (loss to minimise, {objective name: its value}); the named parts
+# (several weighted objectives) are averaged per epoch into the history as train_<name>.
+Objective = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# Validation scores of the current model, e.g. {"val_loss": ..., "val_macro_f1": ...}.
+Validate = Callable[[nn.Module], dict[str, float]]
 
 
 class Trainer:
@@ -77,8 +63,6 @@ class Trainer:
         grad_checkpointing: bool | int = False,
         recompute_frozen_qkv: bool = True,
     ):
-        if monitor not in MONITORS:
-            raise UserError(f"trainer.monitor={monitor} is not one of {', '.join(MONITORS)}")
         if lr <= 0:
             raise UserError(f"trainer.lr must be positive, got {lr}")
         if not isinstance(max_epochs, int) or max_epochs < 1:
@@ -114,22 +98,6 @@ class Trainer:
     def device(self) -> torch.device:
         return self.runtime.device
 
-    def evaluate(self, model: PeftModel, loader: DataLoader, loss_fn: Callable) -> Evaluation:
-        model.eval()
-
-        def forward(batch):
-            logits, embeddings = model(batch)
-            summed_loss = loss_fn(logits, batch["labels"]).reshape(1) * len(batch["labels"])
-            return {"logits": logits, "embeddings": embeddings, "labels": batch["labels"], "loss": summed_loss}
-
-        out = self.runtime.collect(forward, loader)
-        return Evaluation(
-            loss=float(out["loss"].sum()) / max(len(out["labels"]), 1),
-            logits=out["logits"],
-            embeddings=out["embeddings"],
-            labels=out["labels"],
-        )
-
     def embed(self, backbone: nn.Module, loader: DataLoader) -> np.ndarray:
         """Cell embeddings of a bare backbone (no strategy, no head), in loader order."""
         backbone.to(self.device).eval()
@@ -140,16 +108,18 @@ class Trainer:
         model: PeftModel,
         *,
         train_loader: DataLoader,
-        val_loader: DataLoader,
-        loss_fn: Callable,
-        metrics_fn: Callable[[np.ndarray, np.ndarray], dict[str, float]],
+        objective: Objective,
+        validate: Validate,
+        monitors: dict[str, int],
         checkpoint: Path | None = None,
     ) -> TrainingState:
         """Train; afterwards `model` holds the best validation state.
 
+        `monitors`: the validation scores that may pick the best epoch, +1 where higher is better, -1 lower.
         With `checkpoint`, the state is saved there after every epoch, and an existing checkpoint is
         resumed from: the result is the same as that of an uninterrupted run.
         """
+        check_monitor(self.monitor, monitors)
         model.to(self.device)
         model.backbone.set_memory_options(grad_checkpointing=self.grad_checkpointing, recompute_frozen_qkv=self.recompute_frozen_qkv)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -182,12 +152,12 @@ class Trainer:
             while not state.done and state.epoch < self.max_epochs:
                 started = time.perf_counter()
                 task = progress.add_task("train", total=len(train_loader), epoch=state.epoch + 1, loss=float("nan"))
-                train_loss = self._train_epoch(step_model, train_loader, optimizer, loss_fn, trainable, state, progress, task, stop)
+                train_loss = self._train_epoch(step_model, train_loader, optimizer, objective, trainable, state, progress, task, stop)
                 progress.remove_task(task)
                 if stop:
                     raise TrainingInterrupted(stop.signum, f"interrupted during epoch {state.epoch + 1}; the last checkpoint (epoch {state.epoch}) is kept: run the same command again, or `scpeft train resume=RUN_DIR`, to continue")
                 state.epoch += 1
-                improved = self._validate(model, val_loader, loss_fn, metrics_fn, state, optimizer, train_loss, started)
+                improved = self._validate(model, validate, monitors, state, optimizer, train_loss, started)
                 if improved:
                     best = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
                 if scheduler is not None:
@@ -205,16 +175,16 @@ class Trainer:
             TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), console=console, transient=True,
         )
 
-    def _validate(self, model, val_loader, loss_fn, metrics_fn, state: TrainingState, optimizer, train_loss, started) -> bool:
+    def _validate(self, model, validate: Validate, monitors, state: TrainingState, optimizer, train_loss, started) -> bool:
         """Score the epoch, append it to the history; True if it is the best so far."""
-        evaluation = self.evaluate(model, val_loader, loss_fn)
-        scores = {"val_loss": evaluation.loss, **{f"val_{k}": v for k, v in metrics_fn(evaluation.labels, evaluation.predictions).items()}}
+        model.eval()
+        scores = validate(model)
         record = {
-            "epoch": state.epoch, "step": state.steps, "train_loss": train_loss, **scores,
+            "epoch": state.epoch, "step": state.steps, **train_loss, **scores,
             "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
         }
         score = scores[self.monitor]
-        improved = state.best_epoch == 0 or MONITORS[self.monitor] * (score - state.best_score) > 0
+        improved = state.best_epoch == 0 or monitors[self.monitor] * (score - state.best_score) > 0
         if improved:
             state.best_epoch, state.best_score, state.stale = state.epoch, score, 0
         else:
@@ -232,37 +202,51 @@ class Trainer:
             return True
         return False
 
-    def _train_epoch(self, model, loader, optimizer, loss_fn, trainable, state: TrainingState, progress, task, stop) -> float:
-        """One pass over the training cells; returns this process's mean training loss."""
+    def _train_epoch(self, model, loader, optimizer, objective: Objective, trainable, state: TrainingState, progress, task, stop) -> dict[str, float]:
+        """One pass over the training cells; returns this process's mean training loss and objective parts."""
         model.train()
         total, n_local, n_global = 0.0, 0, 0
+        parts_total: dict[str, float] = {}
         started = time.perf_counter()
         for global_batch in loader:
             batch, weight = self.group.shard(global_batch)
             batch = self.runtime.to_device(batch)
+            n_cells = len(batch["gene_ids"])
             with self.runtime.autocast():
-                logits, _ = model(batch)
-            loss = loss_fn(logits, batch["labels"]) if len(batch["labels"]) else logits.sum() * 0.0
+                loss, parts = objective(model, batch)
             optimizer.zero_grad(set_to_none=True)
             (loss * weight).backward()
             if self.grad_clip:
                 torch.nn.utils.clip_grad_norm_(trainable, self.grad_clip)
             optimizer.step()
             state.steps += 1
-            total += loss.item() * len(batch["labels"])
-            n_local += len(batch["labels"])
-            n_global += len(global_batch["labels"])
+            total += loss.item() * n_cells
+            for name, value in parts.items():
+                parts_total[name] = parts_total.get(name, 0.0) + float(value) * n_cells
+            n_local += n_cells
+            n_global += len(global_batch["gene_ids"])
             progress.update(task, advance=1, loss=loss.item())
             if stop or (self.max_steps is not None and state.steps >= self.max_steps):
                 break
         state.cells_seen += n_global
         state.step_seconds += time.perf_counter() - started
-        return total / max(n_local, 1)
+        return {"train_loss": total / max(n_local, 1), **{f"train_{k}": v / max(n_local, 1) for k, v in parts_total.items()}}
 
     def _log_epoch(self, record: dict, improved: bool) -> None:
         marker = " [green]*best[/]" if improved else ""
-        console.print(
-            f"epoch {record['epoch']:>3}  train_loss {record['train_loss']:.4f}  val_loss {record['val_loss']:.4f}  "
-            f"val_acc {record['val_accuracy']:.3f}  val_macro_f1 {record['val_macro_f1']:.3f}  "
-            f"lr {record['lr']:.2e}  {record['seconds']:.1f}s{marker}"
+        scores = "  ".join(
+            f"{key} {value:.4f}" if "loss" in key else f"{key} {value:.3f}"
+            for key, value in record.items()
+            if key.startswith(("train_", "val_")) and key in LOGGED or key.endswith("_loss")
         )
+        console.print(f"epoch {record['epoch']:>3}  {scores}  lr {record['lr']:.2e}  {record['seconds']:.1f}s{marker}")
+
+
+# Besides every loss, the epoch line shows these scores when a task reports them.
+LOGGED = ("val_accuracy", "val_macro_f1")
+
+
+def check_monitor(monitor: str, monitors: dict[str, int]) -> None:
+    """`trainer.monitor` must be one of the task's validation scores."""
+    if monitor not in monitors:
+        raise UserError(f"trainer.monitor={monitor} is not one of this task's validation scores: {', '.join(monitors)}")
