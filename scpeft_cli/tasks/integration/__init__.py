@@ -1,0 +1,1 @@
+"""Batch integration (batch correction) of cell embeddings: training objectives and scib's metrics."""
