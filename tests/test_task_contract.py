@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch.nn.functional as F
 from torch import nn
 
@@ -74,33 +75,38 @@ class CellSizeTask(Task):
 TASK = [
     "task._target_=tests.test_task_contract.CellSizeTask",
     "backbone=scgpt_small", "backbone.d_model=32", "backbone.n_layers=1", "trainer.max_epochs=3",
-    "trainer.patience=null", "trainer.batch_size=8", "evaluation.umap=false",
+    "trainer.patience=null", "trainer.batch_size=16", "evaluation.umap=false", "evaluation.baselines=false",
+    "evaluation.silhouette=false",
 ]  # fmt: skip
 
 
-def test_a_new_task_runs_through_the_generic_runner(tmp_path):
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("task") / "run"
     run_cli("train", *TASK, f"hydra.run.dir={run_dir}")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return run_dir
+
+
+def test_a_new_task_runs_through_the_generic_runner(finished):
+    metrics = json.loads((finished / "metrics.json").read_text())
     assert np.isfinite(metrics["test_mse"]) and metrics["n_test"] == 105 and metrics["best_val_loss"] > 0
-    history = pd.read_csv(run_dir / "history.csv")
+    history = pd.read_csv(finished / "history.csv")
     assert {"train_loss", "train_mse", "val_loss"} <= set(history.columns)  # each objective is logged
-    assert (run_dir / "size_predictions.csv").is_file() and (run_dir / "adapter" / "adapter_config.json").is_file()
-    assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["outputs"] == 1
+    assert (finished / "size_predictions.csv").is_file() and (finished / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((finished / "adapter" / "adapter_config.json").read_text())["outputs"] == 1
 
 
-def test_a_new_task_resumes_after_sigterm_to_the_uninterrupted_result(tmp_path):
-    uninterrupted, resumed = tmp_path / "full", tmp_path / "resumed"
-    run_cli("train", *TASK, f"hydra.run.dir={uninterrupted}")
+def test_a_new_task_resumes_after_sigterm_to_the_uninterrupted_result(finished, tmp_path):
+    resumed = tmp_path / "resumed"
     process = start_and_interrupt(resumed, signal.SIGTERM, overrides=TASK)
     assert process.returncode != 0 and not (resumed / "metrics.json").exists()
     run_cli("train", *TASK, f"hydra.run.dir={resumed}")
-    assert comparable(resumed) == comparable(uninterrupted)
+    assert comparable(resumed) == comparable(finished)
 
 
 def test_a_sweep_of_a_new_task_and_its_report(tmp_path):
     sweep = tmp_path / "sweep"
-    run_cli("train", "-m", *TASK, "peft=head_only,lora", f"hydra.sweep.dir={sweep}")
+    run_cli("train", "-m", *TASK, "peft=head_only,lora", "trainer.max_steps=10", f"hydra.sweep.dir={sweep}")
     assert len(list(sweep.glob("*/metrics.json"))) == 2
     result = run_cli("report", str(sweep), "--out", str(tmp_path / "report"), "--require", "test_mse<=100")
     summary = pd.read_csv(tmp_path / "report" / "summary.csv")
