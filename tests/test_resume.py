@@ -13,8 +13,8 @@ import pytest
 
 from tests.conftest import run_cli
 
-# 4 epochs of ~60 small steps: long enough to be killed inside epoch 2.
-RUN = ["backbone=scgpt_small", "backbone.d_model=32", "backbone.n_layers=1", "trainer.max_epochs=4",
+# 3 epochs of ~90 small steps: long enough to be killed inside epoch 2.
+RUN = ["backbone=scgpt_small", "backbone.d_model=32", "backbone.n_layers=1", "trainer.max_epochs=3",
        "trainer.patience=null", "trainer.batch_size=8", "evaluation.umap=false", "evaluation.silhouette=false"]
 VARYING = {"train_seconds", "cells_per_second", "peak_memory_mb"}
 
