@@ -76,7 +76,10 @@ class Task:
         return {}
 
     def finish(self, run: RunContext) -> dict[str, Any]:
-        """Evaluate the best model, write the task's files into the run dir, return its metrics."""
+        """Evaluate the best model and write the task's files into the run dir. Returns the metrics in the
+        order metrics.json shows them: {"results": test metrics (first), "best": best-epoch validation
+        figures (after best_epoch), "quality": embedding figures (after the efficiency columns),
+        "baselines": {name: metrics} or None}; all but "results" may be left out."""
         raise NotImplementedError
 
     def summary(self, metrics: dict[str, Any]) -> str:
