@@ -27,7 +27,7 @@ from scpeft_cli.backbones.geneformer.dictionaries import GeneDictionaries, read_
 from scpeft_cli.backbones.geneformer.model import Geneformer, GeneformerArchitecture, activation_name
 from scpeft_cli.console import info, warn
 from scpeft_cli.errors import UserError
-from scpeft_cli.tokenizers.base import COUNTS_LAYER, TOTALS_COLUMN
+from scpeft_cli.tokenizers.base import tokenizer_input
 from scpeft_cli.tokenizers.geneformer import GeneformerVocab, RankValueTokenizer
 
 CONFIG_FILE = "config.json"
@@ -274,17 +274,12 @@ def _random_tokenizer(
     """A random model's tokenizer: the one a trained run saved, else built from the training cells."""
     if saved is not None:
         return RankValueTokenizer.load_saved(saved, model_input_size=max_input_size)
-    if cells is not None:
-        if COUNTS_LAYER not in cells.layers or TOTALS_COLUMN not in cells.obs:
-            raise UserError(
-                "a random Geneformer computes its gene medians from raw counts, but the data hold no counts layer "
-                "(point data.layer at raw counts)"
-            )
-        totals = cells.obs[TOTALS_COLUMN].to_numpy(dtype="float64")
+    if cells is not None:  # medians from the training cells' raw counts
+        counts, totals = tokenizer_input(cells, RankValueTokenizer)
         return RankValueTokenizer.from_data(
-            cells.layers[COUNTS_LAYER], [str(g) for g in cells.var_names], v2=generation == "v2",
-            model_input_size=max_input_size, totals=totals,
-        )  # fmt: skip
+            counts, [str(g) for g in cells.var_names], v2=generation == "v2", model_input_size=max_input_size,
+            totals=totals,
+        )
     if vocab_size:
         return RankValueTokenizer(GeneformerVocab.from_genes([], v2=generation == "v2"), {}, max_input_size)
     raise DataNeeded(
