@@ -35,7 +35,7 @@ class ToyBackbone(Backbone):
         self.embedding = nn.Embedding(7, 8)
         self.layers = nn.ModuleList()
 
-    def forward(self, batch):
+    def embed(self, batch):
         return self.embedding(batch["gene_ids"])
 
     def cell_embedding(self, states, batch):

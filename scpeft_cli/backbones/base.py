@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pickle
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ class DataNeeded(UserError):
     """A random backbone whose size depends on the data's genes was built without data."""
 
 
-class Backbone(nn.Module):
+class Backbone(nn.Module, ABC):
     """Base of every backbone module: token states through the shared layer stack, insertion points.
 
     Subclasses set `d_model` and `layers` (every layer of the checkpoint) and implement `embed` and
@@ -60,9 +61,9 @@ class Backbone(nn.Module):
         self.depth: int | None = None
 
     # ------------------------------------------------------------------------------- computation
+    @abstractmethod
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Token embeddings (batch, length, d_model) entering the first layer."""
-        raise NotImplementedError
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Token states of the last layer run (`active_layers`), padding included."""
@@ -72,9 +73,9 @@ class Backbone(nn.Module):
             recompute_frozen_qkv=self.recompute_frozen_qkv,
         )
 
+    @abstractmethod
     def cell_embedding(self, states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """One vector per cell (batch, d_model) from `forward`'s token states."""
-        raise NotImplementedError
 
     # ---------------------------------------------------------------------------- insertion points
     @property
@@ -83,9 +84,10 @@ class Backbone(nn.Module):
         return self.layers if self.depth is None else self.layers[: self.depth]
 
     @property
-    def token_embedding_adapter_owner(self) -> nn.Module:
-        """The module whose `scpeft_adapter` slot adapts the token embedding (token prompts)."""
-        raise NotImplementedError
+    def token_embedding_adapter_owner(self) -> nn.Module | None:
+        """The module whose `scpeft_adapter` slot adapts the token embedding (token prompts); None where the
+        backbone offers none (then "token_adapter" is not in `supports`)."""
+        return None
 
     def unused_parameter_names(self) -> set[str]:
         """Parameters `forward` never reads (layers after `depth`): frozen whatever the strategy."""

@@ -10,6 +10,7 @@ fitting with best-validation selection, resuming, the adapter, `metrics.json` la
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,36 +52,39 @@ class RunContext:
     before: dict[str, Any] = field(default_factory=dict)  # what `before_training` returned
 
 
-class Task:
+class Task(ABC):
     """Base of every task. `monitors`: validation scores that may pick the best epoch (+1 higher is
     better, -1 lower); `sweep_metric`: the metrics.json entry `scpeft train` returns to sweepers."""
 
     monitors: dict[str, int] = {"val_loss": -1}
     sweep_metric = "best_val_loss"
 
+    @abstractmethod
     def load(self, cfg: DictConfig) -> TaskData:
-        raise NotImplementedError
+        """The prepared cells with the obs columns this task needs, its split and per-cell targets."""
 
+    @abstractmethod
     def build_head(self, kind: str, d_model: int, settings: dict[str, Any]) -> nn.Module:
-        raise NotImplementedError
+        """The head on the cell embedding (`kind`: what the strategy asks for; `settings`: `TaskData.head_settings`)."""
 
+    @abstractmethod
     def objective(self, data: TaskData, trainer) -> Callable:
         """(model, batch) -> (loss, {objective: value}) for the trainer (`training.trainer.Objective`)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def validate(self, data: TaskData, trainer, loader: DataLoader) -> Callable[[nn.Module], dict[str, float]]:
-        raise NotImplementedError
+        """model -> this epoch's validation scores (keys include every entry of `monitors`)."""
 
     def before_training(self, cfg: DictConfig, data: TaskData, backbone, trainer, loader) -> dict[str, Any]:
         """Anything computed on the frozen backbone before a strategy touches it (e.g. zero-shot baselines)."""
         return {}
 
+    @abstractmethod
     def finish(self, run: RunContext) -> dict[str, Any]:
         """Evaluate the best model and write the task's files into the run dir. Returns the metrics in the
         order metrics.json shows them: {"results": test metrics (first), "best": best-epoch validation
         figures (after best_epoch), "quality": embedding figures (after the efficiency columns),
         "baselines": {name: metrics} or None}; all but "results" may be left out."""
-        raise NotImplementedError
 
     def summary(self, metrics: dict[str, Any]) -> str:
         """One console line of the run's main figures."""

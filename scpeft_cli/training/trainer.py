@@ -237,7 +237,7 @@ class Trainer:
         scores = "  ".join(
             f"{key} {value:.4f}" if "loss" in key else f"{key} {value:.3f}"
             for key, value in record.items()
-            if key.startswith(("train_", "val_")) and key in LOGGED or key.endswith("_loss")
+            if key in LOGGED or key.endswith("_loss")
         )
         console.print(f"epoch {record['epoch']:>3}  {scores}  lr {record['lr']:.2e}  {record['seconds']:.1f}s{marker}")
 
