@@ -57,7 +57,7 @@ def attach(cfg: DictConfig, backbone: LoadedBackbone, *, head_settings: dict, st
     task: Task = instantiate(cfg.task)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        head = task.build_head(strategy.head, backbone.model.d_model, head_settings)
+        head = task.build_head(strategy.head or task.head, backbone, head_settings)
         model = PeftModel(backbone.model, head, strategy)
     return Assembly(backbone=backbone, strategy=strategy, task=task, model=model)
 

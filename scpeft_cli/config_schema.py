@@ -39,6 +39,8 @@ def validate(cfg: DictConfig, *, options: Mapping[str, type] | None = None) -> N
         _validate_node(path, node)
     for path, dataclass in (options or {}).items():
         node = OmegaConf.select(cfg, path) if path else cfg
+        if node is None:  # e.g. a task without `evaluation:` settings
+            continue
         hints = typing.get_type_hints(dataclass)
         unknown = sorted(set(node) - set(hints)) if path else []
         if unknown:

@@ -14,10 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch.nn.functional as F
-from torch import nn
 
 from scpeft_cli import artifacts
 from scpeft_cli.instantiate import instantiate
+from scpeft_cli.tasks.annotation import AnnotationTask
+from scpeft_cli.tasks.annotation.heads import LinearHead
 from scpeft_cli.tasks.base import SPLITS, RunContext, Task, TaskData
 from tests.conftest import run_cli
 from tests.test_resume import comparable, start_and_interrupt
@@ -29,6 +30,9 @@ class CellSizeTask(Task):
 
     n_classes: int | None = None
     n_cls_layers: int = 3
+    head: str = "linear"
+
+    Evaluation = AnnotationTask.Evaluation  # conf/task/annotation.yaml's evaluation settings, unused
 
     monitors = {"val_loss": -1}
     sweep_metric = "best_val_loss"
@@ -42,8 +46,8 @@ class CellSizeTask(Task):
         return TaskData(adata=adata, index=index, targets={"size": (size - size.mean()) / size.std()},
                         head_settings={"outputs": 1})  # fmt: skip
 
-    def build_head(self, kind, d_model, settings):
-        return nn.Linear(d_model, settings["outputs"])
+    def build_head(self, kind, backbone, settings):
+        return LinearHead(backbone.model.d_model, settings["outputs"])
 
     def objective(self, data, trainer):
         def mse(model, batch):

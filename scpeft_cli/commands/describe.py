@@ -15,7 +15,7 @@ from scpeft_cli.commands.guard import guarded
 from scpeft_cli.console import console
 from scpeft_cli.instantiate import instantiate
 from scpeft_cli.paths import config_dir
-from scpeft_cli.tasks.runner import OPTIONS, strategy_option
+from scpeft_cli.tasks.runner import run_options, strategy_option
 
 
 def _assemble(cfg: DictConfig) -> tuple[Assembly, int]:
@@ -82,4 +82,4 @@ def _tensor_group(name: str) -> str:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> None:
-    guarded(describe, options=OPTIONS)(cfg)
+    guarded(describe, options=run_options)(cfg)

@@ -32,15 +32,19 @@ def run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def guarded(task: Callable[[DictConfig, Path], Any], *, options: Mapping[str, type] | None = None) -> Callable[[DictConfig], Any]:
-    """Validate `cfg` (see config_schema.validate), then run `task(cfg, run_dir)` behind the error edge."""
+Options = Mapping[str, type] | Callable[[DictConfig], Mapping[str, type]]
+
+
+def guarded(task: Callable[[DictConfig, Path], Any], *, options: Options | None = None) -> Callable[[DictConfig], Any]:
+    """Validate `cfg` (see config_schema.validate; `options` may depend on the config), then run
+    `task(cfg, run_dir)` behind the error edge."""
 
     @functools.wraps(task)
     def wrapper(cfg: DictConfig) -> Any:
         directory = run_dir()
         in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
         try:
-            validate(cfg, options=options)
+            validate(cfg, options=options(cfg) if callable(options) else options)
             return task(cfg, directory)
         except Exception as err:
             if debugging():

@@ -25,7 +25,7 @@ from scpeft_cli.data import preflight
 from scpeft_cli.errors import UserError
 from scpeft_cli.instantiate import instantiate
 from scpeft_cli.paths import config_dir
-from scpeft_cli.tasks.runner import OPTIONS
+from scpeft_cli.tasks.runner import run_options
 from scpeft_cli.tokenizers.vocab import GENE_ID_KIND_WORDS, GeneVocab
 
 INPUT_WORDS = {
@@ -250,4 +250,4 @@ def _rows_to_show(check: preflight.SplitCheck) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> None:
-    guarded(inspect_run, options=OPTIONS)(cfg)
+    guarded(inspect_run, options=run_options)(cfg)

@@ -18,10 +18,11 @@ HEAD_PREFIX = "head."
 class Strategy:
     """Base strategy: attaches nothing and trains only the head.
 
-    `head` names the task head it pairs with ("cls_decoder": scGPT's 3-layer classifier, "linear").
+    `head`: the task head it pairs with when the strategy is defined by its head (linear_probe: "linear");
+    None takes the task's own head (`task.head` in conf/task/*.yaml).
     """
 
-    head: str = "cls_decoder"
+    head: str | None = None
 
     @property
     def name(self) -> str:

@@ -29,7 +29,7 @@ def load_part(name: str, options: Mapping | None) -> Strategy:
 class Combination(Strategy):
     """Attaches every part; a parameter trains if any part trains it."""
 
-    def __init__(self, *, parts: Sequence[str], options: Mapping | None = None, head: str = "cls_decoder"):
+    def __init__(self, *, parts: Sequence[str], options: Mapping | None = None, head: str | None = None):
         super().__init__(head=head)
         if len(parts) < 2:
             raise UserError("peft=combo needs at least two parts, e.g. peft.parts=[token_prompt,encoder_prompt]")

@@ -22,10 +22,10 @@ class FullFineTuning(Strategy):
 
 @dataclass
 class HeadOnly(Strategy):
-    """Frozen backbone; scGPT's 3-layer classification head on the `<cls>` state trains."""
+    """Frozen backbone; only the task head trains."""
 
     def placement(self, backbone: nn.Module) -> str:
-        return "classification head on the cell embedding; backbone frozen"
+        return "task head; backbone frozen"
 
 
 @dataclass

@@ -10,9 +10,10 @@ from scpeft_cli.peft.base import Strategy
 
 
 class PeftModel(nn.Module):
-    """Attaches the strategy to the backbone, freezes what it does not train, and classifies cells.
+    """Attaches the strategy to the backbone, freezes what it does not train, and runs the task head.
 
-    Backbone parameters the forward pass never reads (`Backbone.unused_parameter_names`) stay frozen
+    Its state that training changes (`trainable_state_dict`) is the trainable parameters plus the head's
+    buffers (e.g. batch-norm running statistics). Backbone parameters the forward pass never reads (`Backbone.unused_parameter_names`) stay frozen
     whatever the strategy: they would get no gradient and be saved untrained.
     """
 
@@ -27,26 +28,29 @@ class PeftModel(nn.Module):
             parameter.requires_grad_(strategy.trains(name) and name not in unused)
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.backbone.cell_embedding(self.backbone(batch), batch)
+        """The cell embeddings the task reports (`TaskHead.embed`)."""
+        return self.head.embed(self.backbone, batch)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, cell embeddings)."""
-        embedding = self.embed(batch)
-        return self.head(embedding), embedding
+    def forward(self, batch: dict[str, torch.Tensor]):
+        """What the task head makes of the batch (`TaskHead.forward`); a `CellHead` gives (outputs, embeddings)."""
+        return self.head(self.backbone, batch)
+
+    def _trained_tensors(self) -> dict[str, torch.Tensor]:
+        trained = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        return trained | {f"head.{name}": b for name, b in self.head.named_buffers()}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+        return {name: tensor.detach() for name, tensor in self._trained_tensors().items()}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore exactly the trainable tensors; anything else in `state` or absent from it is an error."""
-        expected = {name for name, p in self.named_parameters() if p.requires_grad}
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        """Restore exactly the trained tensors; anything else in `state` or absent from it is an error."""
+        tensors = self._trained_tensors()
+        if set(state) != set(tensors):
+            missing, extra = sorted(set(tensors) - set(state)), sorted(set(state) - set(tensors))
             raise ValueError(f"trainable tensors do not match: missing {missing[:5]}, unexpected {extra[:5]}")
-        parameters = dict(self.named_parameters())
         with torch.no_grad():
             for name, tensor in state.items():
-                parameters[name].copy_(tensor)
+                tensors[name].copy_(tensor)
 
     def parameter_groups(self) -> dict[str, tuple[int, int]]:
         """(total, trainable) parameter counts per top-level module group, for `describe`."""

@@ -1,11 +1,15 @@
 """The task contract: what a task tells the one generic runner (`tasks/runner.py`).
 
-A task is one folder under `tasks/` and one YAML under `conf/task/` whose `_target_` names a `Task`
-subclass. It declares its validation scores, loads its cells (the obs columns it needs, the split, the
-per-cell targets batches carry), builds its head, computes the training objective of a batch (possibly
-several weighted objectives, each logged), scores the model on validation cells, and at the end
+A task is one folder under `tasks/` and one YAML under `conf/task/` (package `_global_`: its `task:`
+node names a `Task` subclass, its `evaluation:` node holds the settings of `Task.Evaluation`). It declares
+its validation scores and what it needs of a backbone, loads its cells (the obs columns it needs, the
+split, the per-cell targets batches carry), builds its head, computes the training objective of a batch
+(possibly several weighted objectives, each logged), scores the model on validation cells, and at the end
 evaluates and writes its own outputs. Everything else (run-dir guard, seeding, tokenising, assembling,
 fitting with best-validation selection, resuming, the adapter, `metrics.json` last) the runner does.
+
+The head runs the backbone (`TaskHead.forward(backbone, batch)`), so a task may read token states, not
+only the cell embedding; `CellHead` is the common case of a head on the cell embedding.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
@@ -52,20 +57,66 @@ class RunContext:
     before: dict[str, Any] = field(default_factory=dict)  # what `before_training` returned
 
 
+class TaskHead(nn.Module, ABC):
+    """A task's trainable modules on a backbone: `forward(backbone, batch)` gives what the task's objective
+    and evaluation read; `embed(backbone, batch)` the cell embeddings the task reports."""
+
+    @abstractmethod
+    def forward(self, backbone, batch: dict[str, torch.Tensor]) -> Any: ...
+
+    def embed(self, backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return backbone.cell_embedding(backbone(batch), batch)
+
+
+class CellHead(TaskHead):
+    """A head on the cell embedding: `forward` returns (`predict(embedding)`, embedding)."""
+
+    def forward(self, backbone, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.embed(backbone, batch)
+        return self.predict(embedding), embedding
+
+    @abstractmethod
+    def predict(self, embedding: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class NoEvaluationSettings:
+    """A task without `evaluation:` settings."""
+
+
 class Task(ABC):
-    """Base of every task. `monitors`: validation scores that may pick the best epoch (+1 higher is
-    better, -1 lower); `sweep_metric`: the metrics.json entry `scpeft train` returns to sweepers."""
+    """Base of every task.
+
+    `monitors`: validation scores that may pick the best epoch (+1 higher is better, -1 lower);
+    `sweep_metric`: the metrics.json entry `scpeft train` returns to sweepers; `head`: the head a strategy
+    gets unless it names its own (linear_probe: "linear"); `backbone_features`: what the backbone must
+    offer (`backbones.base.FEATURES`), checked before training; `tokenizer_options`: settings of the
+    backbone's tokenizer this task needs (e.g. keeping zero-expressed genes); `Evaluation`: the dataclass
+    of the task's `evaluation:` settings.
+    """
 
     monitors: dict[str, int] = {"val_loss": -1}
     sweep_metric = "best_val_loss"
+    head = "default"
+    backbone_features: tuple[str, ...] = ()
+    Evaluation: type = NoEvaluationSettings
+
+    @property
+    def tokenizer_options(self) -> dict[str, Any]:
+        return {}
 
     @abstractmethod
     def load(self, cfg: DictConfig) -> TaskData:
         """The prepared cells with the obs columns this task needs, its split and per-cell targets."""
 
     @abstractmethod
-    def build_head(self, kind: str, d_model: int, settings: dict[str, Any]) -> nn.Module:
-        """The head on the cell embedding (`kind`: what the strategy asks for; `settings`: `TaskData.head_settings`)."""
+    def build_head(self, kind: str, backbone, settings: dict[str, Any]) -> TaskHead:
+        """The task's head for a `LoadedBackbone` (its `d_model`, any pretrained heads it carries); `kind`: the
+        strategy's head or the task's own `head`; `settings`: `TaskData.head_settings` (saved with the adapter)."""
+
+    def inputs(self, adata, settings: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Per-cell arrays a trained head reads on new cells (`scpeft embed`/`predict`), e.g. batch ids."""
+        return {}
 
     @abstractmethod
     def objective(self, data: TaskData, trainer) -> Callable:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from scpeft_cli import artifacts
@@ -39,15 +40,10 @@ class RunOptions:
     cache_dir: str | None
 
 
-@dataclass
-class EvaluationOptions:
-    baselines: bool
-    knn_k: int
-    silhouette: bool
-    umap: bool
-
-
-OPTIONS = {"": RunOptions, "evaluation": EvaluationOptions}
+def run_options(cfg: DictConfig) -> dict[str, type]:
+    """The plain (non-`_target_`) settings of a run and their types: top-level keys, and the chosen task's
+    `evaluation:` settings (`Task.Evaluation`)."""
+    return {"": RunOptions, "evaluation": get_class(cfg.task._target_).Evaluation}
 
 
 def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:

@@ -50,6 +50,14 @@ class AnnotationTask(Task):
 
     n_classes: int | None = None
     n_cls_layers: int = 3
+    head: str = "cls_decoder"
+
+    @dataclass
+    class Evaluation:
+        baselines: bool
+        knn_k: int
+        silhouette: bool
+        umap: bool
 
     monitors = {"val_loss": -1, "val_macro_f1": 1, "val_accuracy": 1}
     sweep_metric = "best_val_macro_f1"
@@ -67,9 +75,9 @@ class AnnotationTask(Task):
             head_settings={"classes": classes},
         )
 
-    def build_head(self, kind: str, d_model: int, settings: dict[str, Any]) -> nn.Module:
+    def build_head(self, kind: str, backbone, settings: dict[str, Any]) -> nn.Module:
         n_classes = len(settings["classes"]) if "classes" in settings else int(settings["n_classes"])
-        return build_head(kind, d_model, n_classes, self.n_cls_layers)
+        return build_head(kind, backbone.model.d_model, n_classes, self.n_cls_layers)
 
     def objective(self, data: TaskData, trainer):
         weight = self._loss_weight(data, trainer)
