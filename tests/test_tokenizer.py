@@ -200,3 +200,111 @@ def test_vocab_from_genes_is_alphabetical_then_special_tokens():
     vocab = GeneVocab.from_genes(["B", "A", "C"])
     assert vocab.token_to_id == {"A": 0, "B": 1, "C": 2, "<pad>": 3, "<cls>": 4, "<eoc>": 5}
     assert vocab.size == 6 and vocab.pad_id == 3 and vocab.cls_id == 4
+
+
+# include_zero_genes: every vocabulary gene of the data is a token of every cell (upstream's include_zero_gene)
+
+
+def reference_bins_with_zeros(row: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Upstream `scgpt.preprocess.binning` of one dense row: edges from the non-zero values only, zeros bin 0.
+
+    Returns the left digitisation and whether it is upstream's bin for sure: its random tie-breaking picks
+    in (right, left], a single value only where a value equals at most one edge.
+    """
+    bins, certain = np.zeros(len(row), dtype=np.int64), np.ones(len(row), dtype=bool)
+    nonzero = row != 0
+    if nonzero.any():
+        x = row[nonzero]
+        edges = np.quantile(x, np.linspace(0, 1, n_bins - 1))
+        left, right = np.digitize(x, edges), np.digitize(x, edges, right=True)
+        bins[nonzero], certain[nonzero] = left, left - right <= 1
+    return bins, certain
+
+
+def with_zero_cells(X: sp.csr_matrix) -> sp.csr_matrix:
+    """X with explicit stored zeros, a cell whose only value lies outside the vocabulary (column 0) and a
+    cell with no values at all."""
+    X = X.tolil()
+    X[0, :] = 0
+    X[0, 0] = 1.0
+    X[1, :] = 0
+    X = X.tocsr()
+    X.data[::5] = 0  # stored, not eliminated
+    return X
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_zero_genes_are_all_matched_genes_with_upstream_bins(dtype):
+    X = with_zero_cells(random_counts(with_ties=False)).astype(dtype)
+    genes = [f"G{i}" for i in range(X.shape[1])]
+    known = [g for j, g in enumerate(genes) if j % 3]  # column 0 is not among them
+    tokenizer = make_tokenizer(known, include_zero_genes=True)
+    tokens = tokenizer.tokenize(X, genes, seed=5)
+    columns = [j for j, g in enumerate(genes) if g in known]
+    vocab, dense = tokenizer.vocab.token_to_id, X.toarray()
+    n_uncertain = 0
+    for i in range(X.shape[0]):
+        ids, values = tokens.cell(i)
+        assert ids[0] == tokenizer.vocab.cls_id and values[0] == 0
+        assert ids[1:].tolist() == [vocab[genes[j]] for j in columns]  # every matched gene, in column order
+        expected, certain = reference_bins_with_zeros(dense[i, columns], N_BINS)
+        np.testing.assert_array_equal(values[1:][certain], expected[certain])
+        ties = values[1:][~certain]
+        assert np.all((ties <= expected[~certain]) & (ties >= 1))
+        n_uncertain += (~certain).sum()
+    assert n_uncertain < 0.05 * len(tokens.values)  # the comparison is not vacuous
+    # non-zero genes keep the bins (and random tie-breaks) they get without zero genes
+    plain = make_tokenizer(known).tokenize(X, genes, seed=5)
+    for i in range(X.shape[0]):
+        bins = dict(zip(*map(np.ndarray.tolist, tokens.cell(i)), strict=True))
+        ids, values = plain.cell(i)
+        assert [bins[g] for g in ids.tolist()] == values.tolist()
+
+
+def test_zero_genes_are_subsampled_to_max_seq_len_uniformly_and_seeded():
+    X = random_counts(density=0.3)
+    genes = [f"G{i}" for i in range(X.shape[1])]
+    tokenizer = make_tokenizer(genes, max_seq_len=10, include_zero_genes=True)
+    a, b, c = (tokenizer.tokenize(X, genes, seed=s) for s in (1, 1, 2))
+    assert np.all(a.lengths == 10)
+    np.testing.assert_array_equal(a.gene_ids, b.gene_ids)
+    np.testing.assert_array_equal(a.values, b.values)
+    assert not np.array_equal(a.gene_ids, c.gene_ids)
+    full = make_tokenizer(genes, include_zero_genes=True).tokenize(X, genes, seed=1)
+    for i in range(len(a)):
+        full_bins = dict(zip(*map(np.ndarray.tolist, full.cell(i)), strict=True))
+        ids, values = a.cell(i)
+        assert ids[0] == tokenizer.vocab.cls_id and len(set(ids.tolist())) == 10
+        assert all(full_bins[g] == v for g, v in zip(ids.tolist(), values.tolist(), strict=True))
+    # zero and non-zero genes are kept alike: genes 0-4 expressed in every cell, genes 5-9 in none
+    n_cells, n_genes, keep_per_cell = 20_000, 10, 3
+    dense = np.zeros((n_cells, n_genes))
+    dense[:, :5] = np.random.default_rng(0).uniform(1, 2, size=(n_cells, 5))
+    genes = [f"G{i}" for i in range(n_genes)]
+    tokenizer = make_tokenizer(genes, max_seq_len=keep_per_cell + 1, include_zero_genes=True)
+    tokens = tokenizer.tokenize(sp.csr_matrix(dense), genes, seed=0)
+    per_cell = tokens.gene_ids.reshape(n_cells, keep_per_cell + 1)[:, 1:]
+    share = np.bincount(per_cell.ravel(), minlength=tokenizer.vocab.size) / n_cells
+    # each gene is kept with probability 3/10; 4 standard errors is 0.013
+    np.testing.assert_allclose(share[[tokenizer.vocab.token_to_id[g] for g in genes]], 0.3, atol=0.013)
+
+
+def test_zero_genes_setting_is_part_of_the_cache_key():
+    genes = ["A", "B", "C"]
+    plain, with_zeros = make_tokenizer(genes), make_tokenizer(genes, include_zero_genes=True)
+    assert plain.cache_settings() != with_zeros.cache_settings()
+    assert plain.cache_settings() == make_tokenizer(genes, include_zero_genes=False).cache_settings()
+
+
+def test_cell_without_values_on_matched_genes_gets_every_gene_at_zero():
+    X = sp.csr_matrix(np.array([[0.0, 0.0, 0.0, 2.0], [0.0, 9.0, 0.0, 0.0], [1.0, 0.0, 3.0, 0.0]]))
+    X.data[1] = 0  # a stored zero
+    genes = ["A", "B", "C", "OTHER"]
+    tokenizer = make_tokenizer(genes[:3], include_zero_genes=True)
+    tokens = tokenizer.tokenize(X, genes, seed=0)
+    expected_ids = [tokenizer.vocab.cls_id] + [tokenizer.vocab.token_to_id[g] for g in genes[:3]]
+    for i in (0, 1):
+        ids, values = tokens.cell(i)
+        assert ids.tolist() == expected_ids and values.tolist() == [0.0, 0.0, 0.0, 0.0]
+    ids, values = tokens.cell(2)
+    assert ids.tolist() == expected_ids and values.tolist() == [0.0, 1.0, 0.0, N_BINS - 1]

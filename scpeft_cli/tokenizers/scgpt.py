@@ -1,4 +1,5 @@
-"""scGPT tokenisation: per-cell quantile binning of non-zero genes, `<cls>` first, seeded subsampling.
+"""scGPT tokenisation: per-cell quantile binning of non-zero genes, `<cls>` first, seeded subsampling;
+optionally every vocabulary gene a token, zeros included (upstream's `include_zero_gene`).
 
 Computed once per run over the whole sparse matrix by compiled per-cell loops (`kernels`, no Python
 loop) and stored ragged, so batches are padded only to their own longest cell.
@@ -34,6 +35,8 @@ class ScGPTTokenizer:
     """AnnData expression -> scGPT inputs (`<cls>` + binned non-zero genes), and batch padding.
 
     Reads log-normalised values: binning is per cell, so normalisation matters only through the gene set.
+    `include_zero_genes` makes every vocabulary gene of the data a token of every cell, zeros as value 0
+    and bins still from the non-zero values, as scGPT's batch-integration tutorial tokenises.
     """
 
     vocab: GeneVocab
@@ -41,11 +44,13 @@ class ScGPTTokenizer:
     max_seq_len: int = 3001
     pad_value: float = -2.0
     cls_value: float = 0.0
+    include_zero_genes: bool = False
     input_kind = "log_normalized"
 
     def cache_settings(self) -> tuple:
         vocab = "\0".join(f"{k}={v}" for k, v in sorted(self.vocab.token_to_id.items()))
-        return (FORMAT_VERSION, type(self).__name__, self.n_bins, self.max_seq_len, self.pad_value, self.cls_value, vocab)
+        return (FORMAT_VERSION, type(self).__name__, self.n_bins, self.max_seq_len, self.pad_value, self.cls_value,
+                self.include_zero_genes, vocab)
 
     def save(self, directory: Path) -> None:
         self.vocab.to_json(Path(directory) / VOCAB_FILE)
@@ -60,18 +65,25 @@ class ScGPTTokenizer:
             data = data.astype(np.float64)
         column_token = np.full(X.shape[1], -1, dtype=np.int64)
         column_token[columns] = token_ids
-        lengths = kernels.kept_per_cell(X.indptr, X.indices, data, column_token)
-        kept_indptr = np.concatenate([[0], np.cumsum(lengths)])
+        nonzero = kernels.kept_per_cell(X.indptr, X.indices, data, column_token)
+        nonzero_indptr = np.concatenate([[0], np.cumsum(nonzero)])
+        lengths = np.full(X.shape[0], len(columns)) if self.include_zero_genes else nonzero
         keep_per_cell = self.max_seq_len - 1
         out_indptr = np.concatenate([[0], np.cumsum(1 + np.minimum(lengths, keep_per_cell))])
 
         rng = np.random.default_rng(seed)
-        bin_uniforms = rng.random(kept_indptr[-1])
+        bin_uniforms = rng.random(nonzero_indptr[-1])
+        # Subsampling reads `keep_per_cell` uniforms of a cell. Without zero genes the draw keeps its first
+        # layout (one per entry, so tokens stay as they were); with them, only those read (memory ~ output).
+        keep_indptr = nonzero_indptr
+        if self.include_zero_genes:
+            keep_indptr = np.concatenate([[0], np.cumsum(np.minimum(lengths, keep_per_cell))])
         subsampled = lengths.max(initial=0) > keep_per_cell
-        keep_uniforms = rng.random(kept_indptr[-1]) if subsampled else np.empty(0)
+        keep_uniforms = rng.random(keep_indptr[-1]) if subsampled else np.empty(0)
         gene_ids, values = kernels.tokenize_cells(
-            X.indptr, X.indices, data, _sort_keys(data), column_token, kept_indptr, out_indptr,
-            np.linspace(0, 1, self.n_bins - 1), bin_uniforms, keep_uniforms, keep_per_cell, self.vocab.cls_id, self.cls_value,
+            X.indptr, X.indices, data, _sort_keys(data), column_token, self.include_zero_genes, nonzero_indptr,
+            keep_indptr, out_indptr, np.linspace(0, 1, self.n_bins - 1), bin_uniforms, keep_uniforms,
+            keep_per_cell, self.vocab.cls_id, self.cls_value,
         )  # fmt: skip
         return TokenizedCells(
             indptr=out_indptr, gene_ids=gene_ids, values=values, genes_matched=len(columns), genes_total=len(genes)
