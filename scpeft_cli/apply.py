@@ -47,19 +47,19 @@ def restrict_to_training_genes(cells: anndata.AnnData, adapter_dir: Path) -> ann
     return cells[:, cells.var_names.isin(genes)].copy()
 
 
-def cell_loader(tokens: TokenizedCells, collate, *, batch_size: int):
-    """All cells in file order."""
+def cell_loader(tokens: TokenizedCells, collate, *, batch_size: int, inputs: dict[str, np.ndarray] | None = None):
+    """All cells in file order, with the per-cell `inputs` a trained head reads (`Task.inputs`)."""
     return make_loader(
-        CellTokens(tokens, {}, np.arange(len(tokens))),
+        CellTokens(tokens, inputs or {}, np.arange(len(tokens))),
         collate, batch_size=batch_size, shuffle=False, seed=0,
     )
 
 
-def run_model(module: nn.Module, forward, tokens: TokenizedCells, collate, *, cfg: DictConfig) -> dict[str, np.ndarray]:
+def run_model(module: nn.Module, forward, tokens: TokenizedCells, collate, *, cfg: DictConfig, inputs: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """`forward(batch)` over every cell with `module` in eval mode on the configured device."""
     runtime = Runtime.create(device=cfg.device, precision=cfg.precision)
     module.to(runtime.device).eval()
-    return runtime.collect(forward, cell_loader(tokens, collate, batch_size=cfg.batch_size))
+    return runtime.collect(forward, cell_loader(tokens, collate, batch_size=cfg.batch_size, inputs=inputs))
 
 
 def overlap_summary(tokens: TokenizedCells) -> dict[str, Any]:

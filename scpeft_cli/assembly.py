@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from scpeft_cli.backbones.base import LoadedBackbone
 from scpeft_cli.console import info
+from scpeft_cli.errors import UserError
 from scpeft_cli.instantiate import instantiate
 from scpeft_cli.peft.base import Strategy
 from scpeft_cli.peft.model import PeftModel
@@ -40,7 +42,25 @@ def build_backbone(cfg: DictConfig, *, cells=None, saved: Path | None = None) ->
     adapter folder holding those tables (see `backbones/base.py`).
     """
     info(f"building backbone '{cfg.backbone.name}'")
-    return instantiate(cfg.backbone, seed=cfg.seed, cells=cells, saved=saved)
+    loaded = instantiate(cfg.backbone, seed=cfg.seed, cells=cells, saved=saved)
+    if cfg.get("task") is not None:
+        fit_to_task(loaded, instantiate(cfg.task))
+    return loaded
+
+
+def fit_to_task(loaded: LoadedBackbone, task: Task) -> None:
+    """Check what the task needs of the backbone (`Task.backbone_features`) and set its tokenizer options."""
+    name = task.name
+    for feature in task.backbone_features:
+        loaded.model.require(feature, by=f"task={name}")
+    options = task.tokenizer_options
+    if not options:
+        return
+    known = {f.name for f in dataclasses.fields(loaded.tokenizer)} if dataclasses.is_dataclass(loaded.tokenizer) else set()
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise UserError(f"task={name} sets tokenizer option(s) {', '.join(unknown)}, which {type(loaded.tokenizer).__name__} does not have")
+    loaded.tokenizer = dataclasses.replace(loaded.tokenizer, **options)
 
 
 def read_vocabulary(cfg: DictConfig):

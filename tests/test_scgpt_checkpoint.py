@@ -59,7 +59,6 @@ LAYOUTS = {
     },
 }
 
-PRETRAINING_ONLY_PREFIXES = ("decoder.", "mvc_decoder.", "flag_encoder.", "cls_decoder.")
 
 
 def layer_key(i: int, name: str) -> str:
@@ -321,13 +320,18 @@ def test_every_backbone_tensor_is_copied(tmp_path):
     assert torch.equal(loaded["value_encoder.linear1.weight"], state["value_encoder.linear1.weight"])
 
 
-def test_pretraining_only_tensors_are_ignored_with_a_log_line(tmp_path, capsys):
-    load(write_checkpoint(tmp_path / "ckpt"))
+def test_pretraining_only_tensors_are_ignored_and_reusable_decoders_kept_with_a_log_line(tmp_path, capsys):
+    state = make_state_dict()
+    backbone = load(write_checkpoint(tmp_path / "ckpt", state=state))
     out = capsys.readouterr().out
-    n_ignored = sum(key.startswith(PRETRAINING_ONLY_PREFIXES) for key in make_state_dict())
-    assert f"ignored {n_ignored} pretraining-only tensors" in out
-    for head in ("decoder", "mvc_decoder", "flag_encoder", "cls_decoder"):
-        assert head in out
+    n_ignored = sum(key.startswith(("flag_encoder.", "cls_decoder.")) for key in state)
+    assert f"ignored {n_ignored} pretraining-only tensors (cls_decoder, flag_encoder)" in out
+    assert "kept the pretrained decoder, mvc_decoder tensors" in out
+    assert set(backbone.heads) == {"decoder", "mvc_decoder"}
+    for head, tensors in backbone.heads.items():
+        assert {f"{head}.{key}" for key in tensors} == {key for key in state if key.startswith(f"{head}.")}
+        assert all(torch.equal(tensor, state[f"{head}.{key}"]) for key, tensor in tensors.items())
+    assert build_random().heads == {}
 
 
 # ---------------------------------------------------------------------------------------------------

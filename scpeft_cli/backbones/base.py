@@ -16,8 +16,8 @@ from __future__ import annotations
 import pickle
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,11 @@ from scpeft_cli.errors import UserError
 #   prompts             the `scpeft_prompts` deep-prompt hook around each layer
 #   grad_checkpointing  recomputing layer activations in backward (trainer.grad_checkpointing)
 #   recompute_frozen_qkv  recomputing q/k/v behind a frozen projection (trainer.recompute_frozen_qkv)
-FEATURES = ("token_adapter", "prompts", "grad_checkpointing", "recompute_frozen_qkv")
+# and what tasks may need (`Task.backbone_features`), offered only where a family declares it:
+#   expression_values   per-gene expression values in `batch["values"]` that a decoder can predict (masked
+#                       expression objectives), and `gene_embedding(batch)`: each token's gene-identity embedding
+LAYER_FEATURES = ("token_adapter", "prompts", "grad_checkpointing", "recompute_frozen_qkv")
+FEATURES = (*LAYER_FEATURES, "expression_values")
 
 
 class DataNeeded(UserError):
@@ -49,7 +53,7 @@ class Backbone(nn.Module, ABC):
     """
 
     family = "backbone"
-    supports: frozenset[str] = frozenset(FEATURES)
+    supports: frozenset[str] = frozenset(LAYER_FEATURES)
     token_adapter_placement = "the token embedding"  # where the token-prompt adapter sits, in words
     zero_shot_l2_normalized = False  # whether the family's own zero-shot embeddings are L2-normalised (`scpeft embed`)
 
@@ -65,10 +69,17 @@ class Backbone(nn.Module, ABC):
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Token embeddings (batch, length, d_model) entering the first layer."""
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Token states of the last layer run (`active_layers`), padding included."""
+    def forward(self, batch: dict[str, torch.Tensor], *, embedding_norm: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Token states of the last layer run (`active_layers`), padding included.
+
+        `embedding_norm` transforms the token embeddings before the first layer: a task's normalisation of
+        the input (integration's domain-specific batch norm, where scGPT applies it).
+        """
+        embeddings = self.embed(batch)
+        if embedding_norm is not None:
+            embeddings = embedding_norm(embeddings)
         return run_layers(
-            self.active_layers, self.embed(batch), batch["padding_mask"], self.scpeft_prompts,
+            self.active_layers, embeddings, batch["padding_mask"], self.scpeft_prompts,
             checkpointing=self.gradient_checkpointing if self.training else False,
             recompute_frozen_qkv=self.recompute_frozen_qkv,
         )
@@ -76,6 +87,11 @@ class Backbone(nn.Module, ABC):
     @abstractmethod
     def cell_embedding(self, states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """One vector per cell (batch, d_model) from `forward`'s token states."""
+
+    def gene_embedding(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each token's gene-identity embedding (batch, length, d_model); offered with "expression_values"."""
+        self.require("expression_values", by="gene_embedding")
+        raise AssertionError("a backbone declaring expression_values must define gene_embedding")
 
     # ---------------------------------------------------------------------------- insertion points
     @property
@@ -120,6 +136,9 @@ class LoadedBackbone:
     tokenizer: Any
     pretrained: bool
     checkpoint: str | None
+    # Pretraining heads of the checkpoint that tasks may reuse, by module name (scGPT: "decoder",
+    # "mvc_decoder"), each a state dict with that prefix stripped; empty for a random backbone.
+    heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 _BLOCKED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from scpeft_cli.backbones.base import Backbone
+from scpeft_cli.backbones.base import LAYER_FEATURES, Backbone
 from scpeft_cli.backbones.dropout import Dropout
 from scpeft_cli.backbones.layers import TransformerLayer
 
@@ -69,6 +69,7 @@ class ScGPT(Backbone):
     """Token states for a batch of tokenised cells; the cell embedding is the `<cls>` state."""
 
     family = "scGPT"
+    supports = frozenset((*LAYER_FEATURES, "expression_values"))
     token_adapter_placement = "the expression-value embedding, after its LayerNorm"
     zero_shot_l2_normalized = True  # scGPT's embed_data normalises the <cls> embeddings
 
@@ -102,3 +103,7 @@ class ScGPT(Backbone):
 
     def cell_embedding(self, states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return states[:, 0]
+
+    def gene_embedding(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The gene-id embedding after its LayerNorm: what scGPT's MVC decoder queries."""
+        return self.encoder(batch["gene_ids"])

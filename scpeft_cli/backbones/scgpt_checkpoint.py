@@ -17,7 +17,9 @@ from scpeft_cli.tokenizers.vocab import CLS_TOKEN, PAD_TOKEN, GeneVocab
 
 CHECKPOINT_FILES = ("best_model.pt", "vocab.json", "args.json")
 
-# Pretraining-only or task-specific heads that fine-tuning replaces.
+# Pretraining heads a task may reuse (`LoadedBackbone.heads`): expression (GEP) and MVC decoders.
+REUSABLE_HEADS = ("decoder", "mvc_decoder")
+# Pretraining-only or task-specific heads that the backbone does not hold (the reusable ones among them).
 IGNORED_PREFIXES = (
     "decoder.",
     "mvc_decoder.",
@@ -156,11 +158,15 @@ def build_scgpt(
             converted,
             source=f"{checkpoint} (keys transformer_encoder.layers.N.* are shown as layers.N.*, self_attn.Wqkv/in_proj as self_attn.qkv)",
         )
-        if ignored:
-            heads = sorted({key.split(".")[0] for key in ignored})
-            info(f"ignored {len(ignored)} pretraining-only tensors ({', '.join(heads)})")
+        heads = pretraining_heads(state)
+        unused = [key for key in ignored if key.split(".")[0] not in heads]
+        if heads:
+            info(f"kept the pretrained {', '.join(sorted(heads))} tensors for tasks that reuse them")
+        if unused:
+            info(f"ignored {len(unused)} pretraining-only tensors ({', '.join(sorted({key.split('.')[0] for key in unused}))})")
         info(f"loaded scGPT checkpoint {checkpoint}: {arch.n_layers} layers, d_model {arch.d_model}, vocab {vocab.size}")
     else:
+        heads = {}
         if saved is not None and (Path(saved) / VOCAB_FILE).is_file():
             vocab = read_vocab(Path(saved))
         elif cells is not None:
@@ -189,4 +195,17 @@ def build_scgpt(
         )
     tokenizer = ScGPTTokenizer(vocab=vocab, n_bins=n_bins, max_seq_len=max_seq_len, pad_value=pad_value)
     source = str(Path(checkpoint).expanduser().resolve()) if checkpoint else None
-    return LoadedBackbone(name=name, model=model, tokenizer=tokenizer, pretrained=bool(checkpoint), checkpoint=source)
+    return LoadedBackbone(
+        name=name, model=model, tokenizer=tokenizer, pretrained=bool(checkpoint), checkpoint=source,
+        heads=heads,
+    )
+
+
+def pretraining_heads(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The checkpoint's reusable heads (`REUSABLE_HEADS`) present in `state`, each with its prefix stripped."""
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        head, _, rest = key.partition(".")
+        if head in REUSABLE_HEADS:
+            heads.setdefault(head, {})[rest] = tensor
+    return heads

@@ -45,15 +45,16 @@ def embed(cfg: DictConfig, _run_dir: Path) -> None:
         cells = restrict_to_training_genes(cells, adapter_dir)
         parts, saved = load_trained(adapter_dir)
         backbone, module, seed, source = parts.backbone, parts.model, saved["seed"], f"run {cfg.run} ({saved.get('peft_option', parts.strategy.name)})"
+        inputs = parts.task.inputs(cells, saved)  # e.g. the batches of an integration run's DSBN
         forward = lambda batch: {"x": module.embed(batch)}  # noqa: E731
     else:
         backbone = build_backbone(cfg, cells=cells)
-        module, seed, source = backbone.model, cfg.seed, f"backbone {cfg.backbone.name}"
+        module, seed, source, inputs = backbone.model, cfg.seed, f"backbone {cfg.backbone.name}", {}
         forward = lambda batch: {"x": module.cell_embedding(module(batch), batch)}  # noqa: E731
     if not backbone.pretrained:
         warn("the backbone is RANDOMLY INITIALISED: these embeddings carry no pretrained knowledge")
     tokens = tokenize_cells(backbone.tokenizer, cells, seed=seed)
-    embeddings = run_model(module, forward, tokens, backbone.tokenizer.collate, cfg=cfg)["x"]
+    embeddings = run_model(module, forward, tokens, backbone.tokenizer.collate, cfg=cfg, inputs=inputs)["x"]
     normalized = backbone.model.zero_shot_l2_normalized if cfg.normalize is None else bool(cfg.normalize)
     if normalized:
         embeddings = normalize(embeddings)

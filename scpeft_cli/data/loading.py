@@ -4,8 +4,8 @@ Prepared means: ``X`` is CSR float32 log-normalised expression (normalize_total 
 ``layers["counts"]`` the raw counts where they are known (given, or recovered from log-normalised
 values with the cells' totals in ``obs["n_counts"]``), ``obs["scpeft_total_counts"]`` each cell's
 total counts over all of the file's genes, ``var_names`` are unique gene identifiers, ``obs_names``
-are unique cell ids, ``obs["label"]`` is a string Categorical copied from the user's label column,
-and ``uns["scpeft_input"]`` records where the data came from. This layer knows nothing about models:
+are unique cell ids, ``obs["label"]`` is a string Categorical copied from the user's label column
+(``obs["scpeft_batch"]`` likewise from the batch column, when one is named), and ``uns["scpeft_input"]`` records where the data came from. This layer knows nothing about models:
 each tokenizer takes the matrix it needs (``tokenizers.base.tokenizer_input``).
 """
 
@@ -24,13 +24,15 @@ from scpeft_cli.errors import UserError
 from scpeft_cli.tokenizers.base import COUNTS_LAYER, TOTALS_COLUMN
 
 TARGET_SUM = 1e4
+BATCH_COLUMN = "scpeft_batch"  # the prepared copy of data.batch_key
 TOTALS_KEY = "n_counts"  # obs column of per-cell total counts (Geneformer's convention, scanpy's older one)
 # Recovered counts farther than this from an integer mean the totals do not belong to these values.
 RECOVERY_TOLERANCE = 0.25
 
 
 def load_pbmc68k_reduced(
-    *, label_key: str = "bulk_labels", min_cells_per_class: int = 0, n_top_genes: int | None = None
+    *, label_key: str = "bulk_labels", min_cells_per_class: int = 0, n_top_genes: int | None = None,
+    batch_key: str | None = None,
 ) -> anndata.AnnData:
     """The small PBMC dataset shipped inside scanpy: a demo that needs no download.
 
@@ -49,6 +51,7 @@ def load_pbmc68k_reduced(
         min_cells_per_class=min_cells_per_class,
         drop_unlabeled=False,
         n_top_genes=n_top_genes,
+        batch_key=batch_key,
     )
 
 
@@ -61,6 +64,7 @@ def read_h5ad(
     min_cells_per_class: int = 0,
     drop_unlabeled: bool = False,
     n_top_genes: int | None = None,
+    batch_key: str | None = None,
 ) -> anndata.AnnData:
     """Read a user's .h5ad (never modified) and prepare it.
 
@@ -98,6 +102,7 @@ def read_h5ad(
         min_cells_per_class=min_cells_per_class,
         drop_unlabeled=drop_unlabeled,
         n_top_genes=n_top_genes,
+        batch_key=batch_key,
     )
 
 
@@ -130,6 +135,7 @@ def prepare(
     min_cells_per_class: int,
     drop_unlabeled: bool,
     n_top_genes: int | None = None,
+    batch_key: str | None = None,
 ) -> anndata.AnnData:
     """Validate, clean and log-normalise a matrix (cells x genes) into a new prepared AnnData.
 
@@ -140,6 +146,8 @@ def prepare(
         raise UserError(
             f"label column '{label_key}' not in obs; available: {_names(obs.columns)}; set data.label_key to one of them"
         )
+    if batch_key is not None:
+        _check_batch_column(obs, batch_key)
     if min_cells_per_class < 0:
         raise UserError(f"data.min_cells_per_class must be >= 0, got {min_cells_per_class}")
     matrix = _to_csr_float32(matrix)
@@ -156,6 +164,8 @@ def prepare(
         adata = _drop_unlabeled(adata, label_key, drop_unlabeled)
         adata.obs["label"] = pd.Categorical(adata.obs[label_key].astype(str))
         adata = _drop_small_classes(adata, min_cells_per_class)
+    if batch_key is not None:
+        adata.obs[BATCH_COLUMN] = pd.Categorical(adata.obs[batch_key].astype(str))
 
     input_kind = "counts" if np.all(adata.X.data == np.round(adata.X.data)) else "log_normalized"
     counts_kept = _keep_counts(adata, input_kind)
@@ -210,6 +220,14 @@ def _keep_counts(adata: anndata.AnnData, input_kind: str) -> str | None:
     adata.layers[COUNTS_LAYER] = counts
     adata.obs[TOTALS_COLUMN] = totals
     return how
+
+
+def _check_batch_column(obs: pd.DataFrame, batch_key: str) -> None:
+    if batch_key not in obs.columns:
+        raise UserError(f"batch column '{batch_key}' not in obs; available: {_names(obs.columns)}; set data.batch_key to one of them")
+    missing = int(obs[batch_key].isna().sum())
+    if missing:
+        raise UserError(f"{missing} cells have no value in the batch column '{batch_key}'; give every cell a batch")
 
 
 def _select_highly_variable(adata: anndata.AnnData, n_top_genes: int) -> anndata.AnnData:

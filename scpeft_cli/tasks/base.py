@@ -102,6 +102,11 @@ class Task(ABC):
     Evaluation: type = NoEvaluationSettings
 
     @property
+    def name(self) -> str:
+        """The task's option name (conf/task/NAME.yaml), e.g. "integration" for IntegrationTask."""
+        return type(self).__name__.removesuffix("Task").lower()
+
+    @property
     def tokenizer_options(self) -> dict[str, Any]:
         return {}
 
@@ -113,6 +118,11 @@ class Task(ABC):
     def build_head(self, kind: str, backbone, settings: dict[str, Any]) -> TaskHead:
         """The task's head for a `LoadedBackbone` (its `d_model`, any pretrained heads it carries); `kind`: the
         strategy's head or the task's own `head`; `settings`: `TaskData.head_settings` (saved with the adapter)."""
+
+    def initialise_head(self, head: TaskHead, backbone) -> None:
+        """Before training (not when a trained run is reloaded): start the head from what the backbone
+        carries, e.g. a checkpoint's pretrained decoders (`LoadedBackbone.heads`). Default: as built."""
+        return None
 
     def inputs(self, adata, settings: dict[str, Any]) -> dict[str, np.ndarray]:
         """Per-cell arrays a trained head reads on new cells (`scpeft embed`/`predict`), e.g. batch ids."""
