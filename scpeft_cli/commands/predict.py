@@ -50,6 +50,8 @@ def predict(cfg: DictConfig, _run_dir: Path) -> None:
     run_dir = finished_run(cfg.run)
     output = check_output_path(input_path=cfg.data.path, output=cfg.output, overwrite=cfg.overwrite)
     parts, saved = load_trained(run_dir / "adapter")
+    if "classes" not in saved:
+        raise UserError(f"{run_dir} is a {parts.task.name} run, which predicts no labels; `scpeft embed run={run_dir}` gives its cell embeddings")
     if not saved["pretrained"]:
         warn("this run's backbone was RANDOMLY INITIALISED: its predictions are not those of a pretrained model")
     cells = restrict_to_training_genes(instantiate(cfg.data), run_dir / "adapter")

@@ -131,6 +131,7 @@ def run_task(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     main_process = trainer.group.is_main
     before = task.before_training(cfg, data, backbone, trainer, loader) if main_process else {}
     parts = attach(cfg, backbone, head_settings=data.head_settings, strategy=strategy)
+    task.initialise_head(parts.model.head, backbone)
     counts = parameter_counts(parts.model)
     info(f"strategy {strategy_option(cfg)}: {counts['trainable_params']:,} of {counts['total_params']:,} parameters train ({100 * counts['trainable_fraction']:.2f}%)")
     with PeakMemory(trainer.device) as memory:

@@ -190,7 +190,7 @@ class Trainer:
         else:
             state.stale += 1
         state.history.append(record)
-        self._log_epoch(record, improved)
+        self._log_epoch(record, improved, monitors)
         return improved
 
     def _should_stop(self, state: TrainingState) -> bool:
@@ -232,18 +232,15 @@ class Trainer:
         state.step_seconds += time.perf_counter() - started
         return {"train_loss": total / max(n_local, 1), **{f"train_{k}": v / max(n_local, 1) for k, v in parts_total.items()}}
 
-    def _log_epoch(self, record: dict, improved: bool) -> None:
+    def _log_epoch(self, record: dict, improved: bool, monitors: dict[str, int]) -> None:
+        """Every loss and every score that may pick the best epoch."""
         marker = " [green]*best[/]" if improved else ""
         scores = "  ".join(
             f"{key} {value:.4f}" if "loss" in key else f"{key} {value:.3f}"
             for key, value in record.items()
-            if key in LOGGED or key.endswith("_loss")
+            if key in monitors or key.endswith("_loss")
         )
         console.print(f"epoch {record['epoch']:>3}  {scores}  lr {record['lr']:.2e}  {record['seconds']:.1f}s{marker}")
-
-
-# Besides every loss, the epoch line shows these scores when a task reports them.
-LOGGED = ("val_accuracy", "val_macro_f1")
 
 
 def check_monitor(monitor: str, monitors: dict[str, int]) -> None:

@@ -1,1 +1,5 @@
-"""Batch integration (batch correction) of cell embeddings: training objectives and scib's metrics."""
+"""Batch integration (conf/task/integration.yaml): objectives, scib's metrics, baselines, outputs."""
+
+from scpeft_cli.tasks.integration.task import IntegrationTask
+
+__all__ = ["IntegrationTask"]

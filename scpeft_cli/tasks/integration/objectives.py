@@ -48,7 +48,7 @@ def mask_values(
     *,
     mask_ratio: float = 0.4,
     mask_value: float = -1.0,
-    generator: torch.Generator,
+    generator: torch.Generator | None = None,
     keep_first_n: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """Hide a random `mask_ratio` share of each cell's gene values; return `(masked_values, mask)`.
@@ -57,14 +57,14 @@ def mask_values(
     (batch, seq_len) is True at padding (the `src_key_padding_mask` convention). Per cell, the candidates are
     the non-padding positions from `keep_first_n` on; `int(n_candidates * mask_ratio)` of them (rounded
     down, as upstream's `int(len(non_padding_idx) * mask_ratio)`), drawn without replacement from
-    `generator`, are set to `mask_value`. `mask` is True exactly there; the input is not modified.
+    `generator` (None: torch's global generator, which training checkpoints save), are set to `mask_value`. `mask` is True exactly there; the input is not modified.
 
     Differences from scGPT's `random_mask_value`:
     - upstream takes every position whose value differs from `pad_value` as a candidate, so `<cls>` (value 0)
       is counted and can be masked; here positions `< keep_first_n` (default 1: `<cls>`) never are and do
       not count. `keep_first_n=0` gives upstream's candidate set and count.
     - padding comes from `padding_mask`, not from comparing values with `pad_value`.
-    - draws come from a `torch.Generator` (upstream: the global NumPy RNG), so runs repeat exactly.
+    - draws come from torch (upstream: the global NumPy RNG), so runs and resumed runs repeat exactly.
     - upstream returns only the values and recovers the mask as `values == mask_value`; the two agree
       unless an original value already equals `mask_value`.
     """
@@ -84,7 +84,8 @@ def mask_values(
     n_candidates = candidates.sum(dim=1).tolist()
     # Python float arithmetic, exactly as upstream rounds (e.g. int(5 * 0.4) == 2).
     n_mask = torch.tensor([int(n * mask_ratio) for n in n_candidates], device=values.device)
-    scores = torch.rand(values.shape, generator=generator, device=generator.device).to(values.device)
+    device = values.device if generator is None else generator.device
+    scores = torch.rand(values.shape, generator=generator, device=device).to(values.device)
     scores = scores.masked_fill(~candidates, 2.0)  # non-candidates sort last
     ranks = scores.argsort(dim=1).argsort(dim=1)
     mask = candidates & (ranks < n_mask.unsqueeze(1))
