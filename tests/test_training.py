@@ -10,6 +10,7 @@ from scpeft_cli.errors import UserError
 from scpeft_cli.peft.finetune import FullFineTuning
 from scpeft_cli.peft.model import PeftModel
 from scpeft_cli.tasks.annotation import AnnotationTask
+from scpeft_cli.tasks.annotation.heads import LinearHead
 from scpeft_cli.tasks.base import TaskData
 from scpeft_cli.tokenizers.base import TokenizedCells
 from scpeft_cli.training.loaders import CellTokens, make_loader
@@ -75,7 +76,7 @@ def test_class_weights_follow_one_minus_share_squared():
 
 def fit_toy(trainer, labels):
     """The annotation task's objective and validation scores on a toy model (every cell is train and val)."""
-    model = PeftModel(ToyBackbone(), nn.Linear(8, 2), FullFineTuning())
+    model = PeftModel(ToyBackbone(), LinearHead(8, 2), FullFineTuning())
     cells = np.arange(len(labels))
     data = CellTokens(toy_tokens(len(labels)), {"labels": labels}, cells)
     train = make_loader(data, collate, batch_size=trainer.batch_size, shuffle=True, seed=0)
