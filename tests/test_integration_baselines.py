@@ -1,5 +1,5 @@
 """Integration baselines (scpeft_cli.tasks.integration.baselines) on the simulated-batch oracle
-(benchmarks/simulated_batches.py): PCA keeps the simulated batches apart, Harmony mixes them and keeps the cell
+(scpeft_cli/data/simulated.py): PCA keeps the simulated batches apart, Harmony mixes them and keeps the cell
 types, and neither finds batches where none were simulated. Figures measured for seed 0 are in the comments."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import scanpy as sc
-from simulated_batches import simulate_batches
 
+from scpeft_cli.data.simulated import simulate_batches
 from scpeft_cli.tasks.integration import baselines
 from scpeft_cli.tasks.integration.baselines import (
     HARMONY_INSTALL_HINT,

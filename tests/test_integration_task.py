@@ -13,10 +13,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from simulated_batches import simulate_batches, write_simulated_h5ad
 
 from scpeft_cli.assembly import assemble, load_trained
 from scpeft_cli.data.loading import BATCH_COLUMN
+from scpeft_cli.data.simulated import simulate_batches, write_simulated_h5ad
 from scpeft_cli.errors import UserError
 from scpeft_cli.instantiate import instantiate
 from scpeft_cli.peft.persistence import save_adapter
@@ -234,7 +234,7 @@ def test_embed_of_an_integration_run_reproduces_its_embedding(finished, simulate
 def test_an_interrupted_integration_run_resumes_to_the_same_metrics(finished, simulated, tmp_path):
     resumed = tmp_path / "resumed"
     overrides = [*TINY, f"data.path={simulated}", "peft=encoder_prompt"]
-    process = start_and_interrupt(resumed, signal.SIGTERM, overrides=overrides)
+    process = start_and_interrupt(resumed, signal.SIGKILL, overrides=overrides)
     assert process.returncode != 0 and not (resumed / "metrics.json").exists()
     run_cli("train", *overrides, f"hydra.run.dir={resumed}")
     assert comparable(resumed) == comparable(finished)
@@ -274,3 +274,21 @@ def test_batch_column_is_kept_as_scpeft_batch(simulated):
 
     cells = read_h5ad(path=str(simulated), label_key=None, batch_key="batch")
     assert list(cells.obs[BATCH_COLUMN].cat.categories) == ["batch0", "batch1", "batch2"]
+
+
+def test_describe_counts_the_integration_heads_without_data(tmp_path):
+    run_cli("describe", "task=integration", "task.n_batches=3", "backbone=scgpt", "peft=encoder_prompt", f"hydra.run.dir={tmp_path}")
+    report = json.loads((tmp_path / "describe.json").read_text())
+    assert report["task"] == "integration" and report["head"] == "3 batches"
+    for module in ("head.decoder", "head.mvc_decoder", "head.grad_reverse_discriminator", "backbone.layers.*.scpeft_"):
+        assert any(group.startswith(module) for group in report["trains"]), (module, report["trains"])
+    # whole-human scGPT: the decoders' size follows d_model 512 (GEP 2 x 512^2 + 512, MVC 2 x 512^2 + 512)
+    assert report["groups"]["head"]["total"] > 1_000_000
+
+
+def test_inspect_checks_the_batch_column_of_an_integration_run(simulated, tmp_path):
+    ok = run_cli("inspect", *TINY, f"data.path={simulated}", "data.label_key=null", f"hydra.run.dir={tmp_path / 'ok'}")
+    assert "inspect: OK" in ok.stdout and "3 batches" in ok.stdout
+    missing = run_cli("inspect", *TINY, f"data.path={simulated}", "data.batch_key=null", f"hydra.run.dir={tmp_path / 'no'}", check=False)
+    assert missing.returncode == 2 and "needs data.batch_key=COL" in missing.stdout
+    assert not json.loads((tmp_path / "no" / "inspect.json").read_text())["ok"]

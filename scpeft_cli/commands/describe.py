@@ -15,30 +15,34 @@ from scpeft_cli.commands.guard import guarded
 from scpeft_cli.console import console
 from scpeft_cli.instantiate import instantiate
 from scpeft_cli.paths import config_dir
+from scpeft_cli.tasks.base import Task
 from scpeft_cli.tasks.runner import run_options, strategy_option
 
 
-def _assemble(cfg: DictConfig) -> tuple[Assembly, int]:
-    """Read the data only when the model's size depends on it: the class count, or a random backbone
-    that builds its gene tables from the data (the builder says so with DataNeeded)."""
-    adata = None
-    if not cfg.task.n_classes:
-        adata = instantiate(cfg.data)
+def _assemble(cfg: DictConfig) -> tuple[Assembly, dict]:
+    """Read the data only when the model's size depends on it: the head (e.g. the class count, unless
+    task.n_classes gives it), or a random backbone that builds its gene tables from the data (the builder
+    says so with DataNeeded)."""
+    task: Task = instantiate(cfg.task)
+    settings, data = task.head_settings_from_config(), None
+    if settings is None:
+        data = task.load(cfg)
+        settings = data.head_settings
     try:
-        backbone = build_backbone(cfg, cells=adata)
+        backbone = build_backbone(cfg, cells=None if data is None else data.adata)
     except DataNeeded:
-        adata = instantiate(cfg.data)
-        backbone = build_backbone(cfg, cells=adata)
-    n_classes = int(cfg.task.n_classes or len(adata.obs["label"].cat.categories))
-    return attach(cfg, backbone, head_settings={"n_classes": n_classes}), n_classes
+        data = data or task.load(cfg)
+        backbone = build_backbone(cfg, cells=data.adata)
+    return attach(cfg, backbone, head_settings=settings), settings
 
 
 def describe(cfg: DictConfig, run_dir: Path) -> dict:
-    parts, n_classes = _assemble(cfg)
+    parts, settings = _assemble(cfg)
+    head = parts.task.describe_head(settings)
     counts = parameter_counts(parts.model)
     groups = parts.model.parameter_groups()
 
-    table = Table(title=f"{cfg.backbone.name} + {strategy_option(cfg)} ({n_classes} classes)")
+    table = Table(title=f"{cfg.backbone.name} + {strategy_option(cfg)} ({head})")
     for column in ("module group", "total", "trainable", "trainable %"):
         table.add_column(column, justify="left" if column == "module group" else "right")
     for group, (total, trainable) in groups.items():
@@ -61,7 +65,8 @@ def describe(cfg: DictConfig, run_dir: Path) -> dict:
         **counts,
         "backbone": cfg.backbone.name,
         "peft": strategy_option(cfg),
-        "n_classes": n_classes,
+        "task": parts.task.name,
+        "head": head,
         "placement": placement,
         "trains": trained,
         "pretrained": parts.backbone.pretrained,

@@ -25,6 +25,7 @@ from scpeft_cli.data import preflight
 from scpeft_cli.errors import UserError
 from scpeft_cli.instantiate import instantiate
 from scpeft_cli.paths import config_dir
+from scpeft_cli.tasks.base import Task
 from scpeft_cli.tasks.runner import run_options
 from scpeft_cli.tokenizers.vocab import GENE_ID_KIND_WORDS, GeneVocab
 
@@ -56,8 +57,17 @@ def inspect_run(cfg: DictConfig, run_dir: Path) -> dict:
     else:
         overlap = preflight.vocab_overlap(genes, GeneVocab.from_genes(genes), source="data")
 
-    balance = preflight.class_balance(adata.obs["label"])
-    split = _check_split(cfg, adata)
+    task: Task = instantiate(cfg.task)
+    if task.uses_split:
+        split = _check_split(cfg, adata)
+    else:  # the task holds out cells its own way: its load checks what it needs (e.g. integration's batches)
+        split = preflight.SplitCheck(error=None)
+        try:
+            task.load(cfg)
+        except UserError as err:
+            problems.append(str(err))
+    labelled = "label" in adata.obs
+    balance = preflight.class_balance(adata.obs["label"] if labelled else pd.Categorical([]))
     result = preflight.verdict(overlap=overlap, balance=balance, split=split, candidates=candidates, extra_problems=problems)
     report = preflight.report(
         data, ids, overlap, balance, split, result,
@@ -66,8 +76,10 @@ def inspect_run(cfg: DictConfig, run_dir: Path) -> dict:
 
     _print_data(data)
     _print_genes(ids, overlap, candidates, checkpoint)
-    _print_classes(balance)
-    _print_split(split, report["split"]["name"])
+    if labelled:
+        _print_classes(balance)
+    if task.uses_split:
+        _print_split(split, report["split"]["name"])
     for message in result.warnings:
         warn(message)
     path = run_dir / "inspect.json"

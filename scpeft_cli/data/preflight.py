@@ -48,7 +48,7 @@ def summarize_data(adata) -> DataSummary:
     return DataSummary(
         n_cells=int(adata.n_obs),
         n_genes=int(adata.n_vars),
-        n_classes=len(adata.obs["label"].cat.categories),
+        n_classes=len(adata.obs["label"].cat.categories) if "label" in adata.obs else 0,
         input_kind=str(meta.get("input_kind", "unknown")),
         source=meta.get("source"),
         path=meta.get("path"),

@@ -90,7 +90,8 @@ class Task(ABC):
     `monitors`: validation scores that may pick the best epoch (+1 higher is better, -1 lower);
     `sweep_metric`: the metrics.json entry `scpeft train` returns to sweepers; `head`: the head a strategy
     gets unless it names its own (linear_probe: "linear"); `backbone_features`: what the backbone must
-    offer (`backbones.base.FEATURES`), checked before training; `tokenizer_options`: settings of the
+    offer (`backbones.base.FEATURES`), checked before training; `uses_split`: whether `load` splits
+    with the `split` config group; `tokenizer_options`: settings of the
     backbone's tokenizer this task needs (e.g. keeping zero-expressed genes); `Evaluation`: the dataclass
     of the task's `evaluation:` settings.
     """
@@ -98,6 +99,7 @@ class Task(ABC):
     monitors: dict[str, int] = {"val_loss": -1}
     sweep_metric = "best_val_loss"
     head = "default"
+    uses_split = False  # whether `load` splits the cells with the `split` group (`inspect` then checks that split)
     backbone_features: tuple[str, ...] = ()
     Evaluation: type = NoEvaluationSettings
 
@@ -118,6 +120,15 @@ class Task(ABC):
     def build_head(self, kind: str, backbone, settings: dict[str, Any]) -> TaskHead:
         """The task's head for a `LoadedBackbone` (its `d_model`, any pretrained heads it carries); `kind`: the
         strategy's head or the task's own `head`; `settings`: `TaskData.head_settings` (saved with the adapter)."""
+
+    def head_settings_from_config(self) -> dict[str, Any] | None:
+        """The head settings the task's own config gives (`scpeft describe` without data, e.g. annotation's
+        `task.n_classes`); None when only the data can tell (`load(cfg).head_settings`)."""
+        return None
+
+    def describe_head(self, settings: dict[str, Any]) -> str:
+        """The head's size in words for `describe`, e.g. "18 classes"."""
+        return f"task {self.name}"
 
     def initialise_head(self, head: TaskHead, backbone) -> None:
         """Before training (not when a trained run is reloaded): start the head from what the backbone

@@ -61,6 +61,7 @@ class AnnotationTask(Task):
 
     monitors = {"val_loss": -1, "val_macro_f1": 1, "val_accuracy": 1}
     sweep_metric = "best_val_macro_f1"
+    uses_split = True
 
     # ------------------------------------------------------------------------------ the contract
     def load(self, cfg: DictConfig) -> TaskData:
@@ -78,6 +79,12 @@ class AnnotationTask(Task):
     def build_head(self, kind: str, backbone, settings: dict[str, Any]) -> nn.Module:
         n_classes = len(settings["classes"]) if "classes" in settings else int(settings["n_classes"])
         return build_head(kind, backbone.model.d_model, n_classes, self.n_cls_layers)
+
+    def head_settings_from_config(self) -> dict[str, Any] | None:
+        return {"n_classes": self.n_classes} if self.n_classes else None
+
+    def describe_head(self, settings: dict[str, Any]) -> str:
+        return f"{len(settings['classes']) if 'classes' in settings else settings['n_classes']} classes"
 
     def objective(self, data: TaskData, trainer):
         weight = self._loss_weight(data, trainer)

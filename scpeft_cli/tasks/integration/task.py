@@ -50,6 +50,7 @@ class IntegrationTask(Task):
     include_zero_genes: bool = True
     max_seq_len: int = 1201
     head: str = "integration"
+    n_batches: int | None = None  # taken from the data; set it for `scpeft describe` without data
 
     @dataclass
     class Evaluation:
@@ -112,6 +113,12 @@ class IntegrationTask(Task):
 
     def initialise_head(self, head: IntegrationHead, backbone) -> None:
         head.load_pretrained(backbone.heads, source=backbone.checkpoint)
+
+    def head_settings_from_config(self) -> dict[str, Any] | None:
+        return {"batches": [f"batch{i}" for i in range(self.n_batches)]} if self.n_batches else None
+
+    def describe_head(self, settings: dict[str, Any]) -> str:
+        return f"{len(settings['batches'])} batches"
 
     def inputs(self, adata, settings: dict[str, Any]) -> dict[str, np.ndarray]:
         """The training batch codes of new cells, which DSBN needs (its statistics are per batch)."""

@@ -1,4 +1,4 @@
-"""Batch effects simulated on real cells: an oracle for batch-integration methods and metrics (not part of the package).
+"""Batch effects simulated on real cells: an oracle for batch-integration methods and metrics (`data=pbmc68k_batches`).
 
 Real data never says how much of the variation between batches is technical. Here it is known by construction:
 the cells of scanpy's ``pbmc68k_reduced`` (700 PBMCs, 765 genes, cell types in ``bulk_labels``) come from one
@@ -19,13 +19,11 @@ batch, against 33% by chance; scib batch ASW about 0.87 against 0.96 on the null
 (about 32%), recovering the cell-type structure of the null data. Much stronger effects (``strength`` >= 1)
 separate the batches more than the cell types, and Harmony then corrects little: the defaults sit below that.
 
-Imported as ``simulated_batches`` (pytest puts this folder on ``sys.path``); ``python
-benchmarks/simulated_batches.py OUT.h5ad`` writes a data set for ``scpeft`` runs.
+``scpeft train task=integration data=pbmc68k_batches`` trains on it; ``write_simulated_h5ad`` writes it as a file.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 
 import anndata
@@ -34,7 +32,9 @@ import pandas as pd
 import scanpy as sc
 from scipy import sparse
 
-__all__ = ["base_counts", "simulate_batches", "write_simulated_h5ad"]
+from scpeft_cli.data.loading import prepare
+
+__all__ = ["base_counts", "load_pbmc68k_batches", "simulate_batches", "write_simulated_h5ad"]
 
 TARGET_SUM = 1e4  # pbmc68k_reduced's raw values are log1p(counts / n_counts * 1e4)
 
@@ -118,19 +118,15 @@ def write_simulated_h5ad(
     return adata
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", help="path of the .h5ad to write")
-    parser.add_argument("--n-batches", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--strength", type=float, default=0.8)
-    parser.add_argument("--depth-strength", type=float, default=0.3)
-    args = parser.parse_args(argv)
-    adata = write_simulated_h5ad(
-        args.out, args.n_batches, seed=args.seed, strength=args.strength, depth_strength=args.depth_strength
+def load_pbmc68k_batches(
+    *, n_batches: int = 3, simulation_seed: int = 0, strength: float = 0.8, depth_strength: float = 0.3,
+    label_key: str | None = "bulk_labels", batch_key: str | None = "batch", min_cells_per_class: int = 0,
+    n_top_genes: int | None = None,
+) -> anndata.AnnData:
+    """The simulated data, prepared as any dataset (`data.loading.prepare`): the `data=pbmc68k_batches` option."""
+    simulated = simulate_batches(n_batches, seed=simulation_seed, strength=strength, depth_strength=depth_strength)
+    return prepare(
+        simulated.X, obs=simulated.obs, genes=simulated.var_names, source="pbmc68k_batches (simulated)", path=None,
+        label_key=label_key, gene_key=None, layer=None, min_cells_per_class=min_cells_per_class, drop_unlabeled=False,
+        n_top_genes=n_top_genes, batch_key=batch_key,
     )
-    print(f"wrote {args.out}: {adata.n_obs} cells x {adata.n_vars} genes, {args.n_batches} batches")
-
-
-if __name__ == "__main__":
-    main()
