@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--out", default=None, help="sweep dir (default: a temporary one)")
+    parser.add_argument("--override", nargs="*", default=[], help="more overrides, e.g. task.objectives.dsbn=false")
     parser.add_argument("--suffix", default="")
     args = parser.parse_args(argv)
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         [sys.executable, "-m", "scpeft_cli", "train", "-m", "task=integration", f"backbone={args.backbone}",
          "data=h5ad", f"data.path={data}", "data.batch_key=batch", "data.label_key=bulk_labels",
          f"peft={args.strategies}", f"seed={args.seeds}", f"trainer.max_epochs={args.epochs}", "trainer.patience=null",
-         "evaluation.umap=false", f"hydra.sweep.dir={sweep}"],
+         "evaluation.umap=false", f"hydra.sweep.dir={sweep}", *args.override],
         check=True,
     )  # fmt: skip
     runs = [json.loads(path.read_text()) for path in sorted(sweep.glob("*/metrics.json"))]
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         f"integration_simulated{args.suffix}", rows,
         ["embedding", "runs", "avg_bio", "avg_batch", "overall", "asw_batch", "graph_connectivity", "pcr_batch",
          "trainable_params", "seconds_per_epoch", "peak_memory_mb"],
-        title=f"Batch integration on simulated batches ({args.backbone}, {args.epochs} epochs, seeds {args.seeds})",
+        title=f"Batch integration on simulated batches ({args.backbone}, {args.epochs} epochs, seeds {args.seeds}"
+        + (f", {' '.join(args.override)}" if args.override else "") + ")",
         notes=[
             f"backbone {args.backbone}: pretrained {runs[0]['pretrained']} (no checkpoint can be downloaded here, so the "
             "strategies adapt a RANDOM backbone; zero-shot is that random backbone)",
