@@ -1,7 +1,8 @@
 """The one transformer layer every softmax-attention backbone uses, so a strategy is written once.
 
-Fused QKV projection + `scaled_dot_product_attention` (flash / memory-efficient kernels on GPU), with
-norm placement, activation and eps configurable to match each backbone's checkpoint.
+Fused QKV projection + `scaled_dot_product_attention` (flash / memory-efficient kernels on GPU), or an
+attention kernel in its place (scBERT's FAVOR+, `backbones/favor.py`) behind the same projections and
+insertion points, with norm placement, activation, biases and eps configurable to match each checkpoint.
 
 Insertion points for PEFT strategies (empty by default, so a plain layer computes exactly the backbone):
 - `scpeft_attn_adapter`: applied to the output of the attention sub-block (after norm1 when post-norm);
@@ -25,16 +26,28 @@ from scpeft_cli.backbones.recompute import RecomputedProjection, normalized, rec
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention on a fused `qkv` Linear (rows [q; k; v], heads contiguous)."""
+    """Multi-head self-attention on a fused `qkv` Linear (rows [q; k; v], heads contiguous).
 
-    def __init__(self, d_model: int, n_heads: int, *, dropout: float = 0.0, bias: bool = True):
+    `kernel`: a module computing attention from (q, k, v, key padding mask) in place of softmax attention
+    (scBERT's FAVOR+); None: `scaled_dot_product_attention`. `inner_dim`: the width of q, k and v
+    (default d_model; scBERT's heads x dim_head differs from its d_model).
+    """
+
+    def __init__(
+        self, d_model: int, n_heads: int, *, dropout: float = 0.0, bias: bool = True, qkv_bias: bool | None = None,
+        inner_dim: int | None = None, kernel: nn.Module | None = None,
+    ):  # fmt: skip
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+        inner_dim = inner_dim or d_model
+        if inner_dim % n_heads:
+            raise ValueError(f"attention width {inner_dim} is not divisible by n_heads {n_heads}")
+        if kernel is not None and dropout:
+            raise ValueError("an attention kernel takes no attention dropout")
         self.n_heads = n_heads
         self.dropout = dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
-        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.qkv = nn.Linear(d_model, 3 * inner_dim, bias=bias if qkv_bias is None else qkv_bias)
+        self.out_proj = nn.Linear(inner_dim, d_model, bias=bias)
+        self.kernel = kernel
 
     def forward(
         self,
@@ -69,7 +82,10 @@ class SelfAttention(nn.Module):
             else RecomputedProjection(self.qkv, x, qkv).hooks()
         )
         with saving:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+            if self.kernel is not None:
+                out = self.kernel(q, k, v, padding_mask)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         return self._merge_heads(out)
 
     def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,10 +119,15 @@ class TransformerLayer(nn.Module):
         activation: str = "relu",
         norm_first: bool = False,
         eps: float = 1e-5,
+        qkv_bias: bool = True,
+        attention_dim: int | None = None,
+        attention_kernel: nn.Module | None = None,
     ):
         super().__init__()
         self.norm_first = norm_first
-        self.self_attn = SelfAttention(d_model, n_heads, dropout=attention_dropout)
+        self.self_attn = SelfAttention(
+            d_model, n_heads, dropout=attention_dropout, qkv_bias=qkv_bias, inner_dim=attention_dim, kernel=attention_kernel
+        )
         self.linear1 = nn.Linear(d_model, d_ff)
         self.linear2 = nn.Linear(d_ff, d_model)
         self.activation_dropout = activation_dropout(activation, dropout)

@@ -71,7 +71,7 @@ class LoRA(Strategy):
             layer = backbone.active_layers[index]
             qkv_rows = [QKV_TARGETS.index(t) for t in QKV_TARGETS if t in self.targets]
             if qkv_rows:
-                d = layer.self_attn.qkv.in_features
+                d = layer.self_attn.qkv.out_features // 3  # rows of each of q, k, v
                 blocks = [(row * d, (row + 1) * d) for row in qkv_rows]
                 layer.self_attn.qkv = self._wrap(layer.self_attn.qkv, blocks)
             for name in LINEAR_TARGETS:
