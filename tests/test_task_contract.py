@@ -47,7 +47,7 @@ class CellSizeTask(Task):
                         head_settings={"outputs": 1})  # fmt: skip
 
     def build_head(self, kind, backbone, settings):
-        return LinearHead(backbone.model.d_model, settings["outputs"])
+        return LinearHead(backbone.model.cell_embedding_dim, settings["outputs"])
 
     def objective(self, data, trainer):
         def mse(model, batch):

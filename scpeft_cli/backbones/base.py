@@ -86,7 +86,12 @@ class Backbone(nn.Module, ABC):
 
     @abstractmethod
     def cell_embedding(self, states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One vector per cell (batch, d_model) from `forward`'s token states."""
+        """One vector per cell (batch, cell_embedding_dim) from `forward`'s token states."""
+
+    @property
+    def cell_embedding_dim(self) -> int:
+        """The width of `cell_embedding` (what a head on it reads): d_model unless the family pools wider."""
+        return self.d_model
 
     def gene_embedding(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Each token's gene-identity embedding (batch, length, d_model); offered with "expression_values"."""
@@ -144,9 +149,10 @@ class LoadedBackbone:
 _BLOCKED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
-def read_torch_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_torch_weights(path: Path, *, entry: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """A state dict saved with `torch.save`, read with `weights_only=True` (no code runs on load).
 
+    `entry`: the keys leading to the state dict inside a saved dict (scBERT: ("model_state_dict",)).
     A file that would run code is refused in one line naming what it references.
     """
     try:
@@ -160,6 +166,11 @@ def read_torch_weights(path: Path) -> dict[str, torch.Tensor]:
         ) from None
     except Exception as err:  # truncated files, non-torch files
         raise UserError(f"cannot load {path} as a PyTorch state dict ({type(err).__name__}: {str(err)[:200]})") from None
+    for key in entry:
+        if not isinstance(state, dict) or key not in state:
+            found = ", ".join(map(str, list(state)[:8])) if isinstance(state, dict) else type(state).__name__
+            raise UserError(f"{path} has no '{key}' entry (it holds: {found})")
+        state = state[key]
     if not isinstance(state, dict):
         raise UserError(f"{path} holds a {type(state).__name__}, not a state dict")
     not_tensors = [str(key) for key, value in state.items() if not isinstance(value, torch.Tensor)]
