@@ -40,6 +40,14 @@ CELLS = make_cells()
 BACKBONES = {
     "scgpt": ["backbone=scgpt_small", "backbone.d_model=16", "backbone.n_heads=2", "backbone.d_hid=24", "backbone.n_layers=4"],
     "geneformer": ["backbone=geneformer_small", "backbone.d_model=16", "backbone.n_heads=2", "backbone.d_ff=24", "backbone.n_layers=5"],
+    "scbert": [
+        "backbone=scbert_small", "backbone.d_model=16", "backbone.n_heads=2", "backbone.dim_head=8",
+        "backbone.nb_features=8", "backbone.d_ff=24", "backbone.n_layers=4",
+    ],
+    "scfoundation": [
+        "backbone=scfoundation_small", "backbone.d_model=16", "backbone.n_heads=2", "backbone.d_ff=24",
+        "backbone.n_layers=4", "backbone.bin_num=6",
+    ],
     "geneformer_v2": [
         "backbone=geneformer_small", "backbone.generation=v2", "backbone.d_model=16", "backbone.n_heads=2",
         "backbone.d_ff=24", "backbone.n_layers=5",

@@ -1,0 +1,146 @@
+"""scBERT from a tiny checkpoint written as the official release writes it: architecture off the shapes,
+every tensor loaded (projection matrices included, never redrawn), and the forward pass equal to an
+independent reference of scBERT's Performer (pre-norm blocks, separate to_q/to_k/to_v, FAVOR+)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from scpeft_cli.backbones.favor import draw_projection, favor_attention
+from scpeft_cli.backbones.scbert import build_scbert
+from scpeft_cli.data.loading import prepare
+from scpeft_cli.errors import UserError
+from scpeft_cli.tokenizers.cache import tokenize_cells
+
+GENES = [f"G{i}" for i in range(11)]
+DIM, DEPTH, HEADS, DIM_HEAD, FEATURES, FF, TOKENS = 12, 2, 3, 4, 8, 20, 7
+
+
+def official_state(seed: int = 0) -> OrderedDict:
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) * 0.3
+
+    state = OrderedDict()
+    state["token_emb.weight"] = rand(TOKENS, DIM)
+    state["pos_emb.emb.weight"] = rand(len(GENES) + 1, DIM).double()  # float64 in the release
+    for i in range(DEPTH):
+        p = f"performer.net.layers.{i}"
+        state[f"{p}.0.norm.weight"], state[f"{p}.0.norm.bias"] = 1 + rand(DIM), rand(DIM)
+        for role in "qkv":
+            state[f"{p}.0.fn.to_{role}.weight"] = rand(HEADS * DIM_HEAD, DIM)
+        state[f"{p}.0.fn.to_out.weight"], state[f"{p}.0.fn.to_out.bias"] = rand(DIM, HEADS * DIM_HEAD), rand(DIM)
+        state[f"{p}.0.fn.fast_attention.projection_matrix"] = draw_projection(FEATURES, DIM_HEAD, g)
+        state[f"{p}.1.norm.weight"], state[f"{p}.1.norm.bias"] = 1 + rand(DIM), rand(DIM)
+        state[f"{p}.1.fn.fn.w1.weight"], state[f"{p}.1.fn.fn.w1.bias"] = rand(FF, DIM), rand(FF)
+        state[f"{p}.1.fn.fn.w2.weight"], state[f"{p}.1.fn.fn.w2.bias"] = rand(DIM, FF), rand(DIM)
+    state["norm.weight"], state["norm.bias"] = 1 + rand(DIM), rand(DIM)
+    state["to_out.weight"], state["to_out.bias"] = rand(TOKENS, DIM), rand(TOKENS)
+    state["performer.calls_since_last_redraw"] = torch.tensor(0)
+    return state
+
+
+def write_release(folder, state=None, genes=GENES):
+    folder.mkdir(parents=True, exist_ok=True)
+    state = official_state() if state is None else state
+    torch.save({"epoch": 3, "model_state_dict": state, "optimizer_state_dict": {"state": {}, "param_groups": []},
+                "scheduler_state_dict": {}, "losses": 0.5}, folder / "panglao_pretrain.pth")  # fmt: skip
+    anndata.AnnData(var=pd.DataFrame(index=list(genes))).write_h5ad(folder / "panglao_10000.h5ad")
+    return folder
+
+
+def load(folder):
+    return build_scbert(name="scbert", checkpoint=str(folder), d_model=64, n_layers=1, n_heads=2, dim_head=8,
+                        nb_features=4, d_ff=8, n_bins=5, seed=0)  # fmt: skip
+
+
+def reference(state, tokens: torch.Tensor) -> torch.Tensor:
+    """scBERT's forward written from its definition: embeddings, pre-norm FAVOR+ and GELU blocks, final norm."""
+    x = state["token_emb.weight"][tokens] + state["pos_emb.emb.weight"].float()[: tokens.shape[1]]
+    for i in range(DEPTH):
+        p = f"performer.net.layers.{i}"
+        h = F.layer_norm(x, (DIM,), state[f"{p}.0.norm.weight"], state[f"{p}.0.norm.bias"])
+        q, k, v = (
+            (h @ state[f"{p}.0.fn.to_{r}.weight"].T).view(*h.shape[:2], HEADS, DIM_HEAD).transpose(1, 2) for r in "qkv"
+        )
+        out = favor_attention(q, k, v, state[f"{p}.0.fn.fast_attention.projection_matrix"])
+        x = x + out.transpose(1, 2).reshape(*h.shape[:2], -1) @ state[f"{p}.0.fn.to_out.weight"].T + state[f"{p}.0.fn.to_out.bias"]
+        h = F.layer_norm(x, (DIM,), state[f"{p}.1.norm.weight"], state[f"{p}.1.norm.bias"])
+        h = F.gelu(h @ state[f"{p}.1.fn.fn.w1.weight"].T + state[f"{p}.1.fn.fn.w1.bias"])
+        x = x + h @ state[f"{p}.1.fn.fn.w2.weight"].T + state[f"{p}.1.fn.fn.w2.bias"]
+    return F.layer_norm(x, (DIM,), state["norm.weight"], state["norm.bias"])
+
+
+def cells() -> anndata.AnnData:
+    """Prepared count data (as the data layer hands it over): 9 panel genes, 2 outside it."""
+    counts = np.random.default_rng(0).poisson(3.0, (4, 11)).astype(np.float32) + 1
+    return prepare(
+        sp.csr_matrix(counts), obs=pd.DataFrame(index=[f"c{i}" for i in range(4)]), genes=GENES[2:] + ["NOT_IN_PANEL", "ALSO_NOT"],
+        source="test", path=None, label_key=None, gene_key=None, layer=None, min_cells_per_class=0, drop_unlabeled=False,
+    )  # fmt: skip
+
+
+def test_the_checkpoint_loads_exactly_and_matches_the_reference_forward(tmp_path, capsys):
+    state = official_state()
+    loaded = load(write_release(tmp_path / "ckpt", state))
+    arch = loaded.model.arch
+    assert (arch.n_genes, arch.d_model, arch.n_layers, arch.n_heads, arch.dim_head, arch.nb_features, arch.d_ff) == (
+        len(GENES), DIM, DEPTH, HEADS, DIM_HEAD, FEATURES, FF
+    )
+    assert "ignored 3 tensors: the MLM head" in capsys.readouterr().out
+    for i in range(DEPTH):
+        assert torch.equal(
+            loaded.model.layers[i].self_attn.kernel.projection_matrix,
+            state[f"performer.net.layers.{i}.0.fn.fast_attention.projection_matrix"],
+        )
+    adata = cells()
+    tokens = tokenize_cells(loaded.tokenizer, adata, seed=0)
+    batch = loaded.tokenizer.collate([tokens.cell(i) for i in range(len(tokens))])
+    assert batch["tokens"].shape == (4, len(GENES) + 1)
+    loaded.model.eval()
+    with torch.no_grad():
+        states = loaded.model(batch)
+        torch.testing.assert_close(states, reference(state, batch["tokens"]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded.model.cell_embedding(states, batch), states[:, : len(GENES)].mean(1))
+
+
+def test_a_cell_embeds_the_same_alone_or_in_a_batch(tmp_path):
+    loaded = load(write_release(tmp_path / "ckpt"))
+    tokens = tokenize_cells(loaded.tokenizer, cells(), seed=0)
+    batch = loaded.tokenizer.collate([tokens.cell(i) for i in range(len(tokens))])
+    alone = loaded.tokenizer.collate([tokens.cell(0)])
+    loaded.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(alone)[0], loaded.model(batch)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_a_checkpoint_without_projection_matrices_is_refused(tmp_path):
+    state = {k: v for k, v in official_state().items() if "projection_matrix" not in k}
+    with pytest.raises(UserError, match="projection matrix is never drawn anew"):
+        load(write_release(tmp_path / "ckpt", state))
+
+
+def test_a_misshaped_tensor_is_named(tmp_path):
+    state = official_state()
+    state["performer.net.layers.1.1.fn.fn.w2.bias"] = torch.zeros(DIM + 1)
+    with pytest.raises(UserError, match=r"mis-shaped 1 tensor\(s\): layers.1.linear2.bias"):
+        load(write_release(tmp_path / "ckpt", state))
+
+
+def test_a_wrong_gene_panel_is_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match="has 10 genes, the checkpoint 11: not this model's panel"):
+        load(write_release(tmp_path / "ckpt", genes=GENES[:-1]))
+    folder = tmp_path / "no_panel"
+    write_release(folder)
+    (folder / "panglao_10000.h5ad").unlink()
+    with pytest.raises(UserError, match="lacks the gene panel"):
+        load(folder)
