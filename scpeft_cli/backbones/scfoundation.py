@@ -40,6 +40,7 @@ from scpeft_cli.backbones.base import (
     load_state_dict_exactly,
 )
 from scpeft_cli.backbones.layers import TransformerLayer
+from scpeft_cli.backbones.official import checked_folder, rename_layer_keys
 from scpeft_cli.console import info, warn
 from scpeft_cli.errors import UserError
 from scpeft_cli.tokenizers.scbert import PanelVocab
@@ -190,33 +191,13 @@ class ScFoundation(Backbone):
 # ------------------------------------------------------------------------------------------ checkpoint
 def convert_scfoundation_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Official keys (with `model.`) -> this tool's module names; returns (converted, ignored keys)."""
-    converted, ignored = {}, []
-    for key, tensor in state.items():
-        key = key.removeprefix("model.")
-        if key.startswith(IGNORED_PREFIXES):
-            ignored.append(key)
-            continue
-        match = _LAYER_KEY.match(key)
-        if match:
-            index, rest = match.groups()
-            key = f"layers.{index}.{_ATTENTION_KEYS.get(rest, rest)}"
-        converted[key] = tensor
-    return converted, ignored
+    return rename_layer_keys(
+        state, layer_key=_LAYER_KEY, layer_names=_ATTENTION_KEYS, ignored_prefixes=IGNORED_PREFIXES, strip="model."
+    )
 
 
 def _checked_folder(folder: str | Path) -> Path:
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise UserError(
-            f"scFoundation checkpoint folder not found: {folder}; "
-            f"set backbone.checkpoint to a folder with {CHECKPOINT_FILE} and {PANEL_TSV}"
-        )
-    absent = [name for name in (CHECKPOINT_FILE, PANEL_TSV) if not (folder / name).is_file()]
-    if absent:
-        raise UserError(
-            f"scFoundation checkpoint folder {folder} lacks {', '.join(absent)}; it must hold {CHECKPOINT_FILE} and {PANEL_TSV}"
-        )
-    return folder
+    return checked_folder(folder, (CHECKPOINT_FILE, PANEL_TSV), family="scFoundation")
 
 
 def read_checkpoint_file(path: Path, *, trust: bool) -> Any:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from scpeft_cli.backbones.base import DataNeeded, LoadedBackbone, load_state_dict_exactly, read_torch_weights
+from scpeft_cli.backbones.official import checked_folder, rename_layer_keys
 from scpeft_cli.backbones.scgpt import ScGPT, ScGPTArchitecture
 from scpeft_cli.console import info, warn
 from scpeft_cli.errors import UserError
@@ -47,27 +48,11 @@ _ATTENTION_KEYS = {
 
 def convert_scgpt_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Official scGPT keys -> this tool's module names; returns (converted, ignored keys)."""
-    converted, ignored = {}, []
-    for key, tensor in state.items():
-        if key.startswith(IGNORED_PREFIXES):
-            ignored.append(key)
-            continue
-        match = _LAYER_KEY.match(key)
-        if match:
-            index, rest = match.groups()
-            key = f"layers.{index}.{_ATTENTION_KEYS.get(rest, rest)}"
-        converted[key] = tensor
-    return converted, ignored
+    return rename_layer_keys(state, layer_key=_LAYER_KEY, layer_names=_ATTENTION_KEYS, ignored_prefixes=IGNORED_PREFIXES)
 
 
 def _checked_folder(folder: str | Path) -> Path:
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise UserError(f"scGPT checkpoint folder not found: {folder}; set backbone.checkpoint to a folder with {', '.join(CHECKPOINT_FILES)}")
-    absent = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
-    if absent:
-        raise UserError(f"scGPT checkpoint folder {folder} lacks {', '.join(absent)}; it must hold {', '.join(CHECKPOINT_FILES)}")
-    return folder
+    return checked_folder(folder, CHECKPOINT_FILES, family="scGPT")
 
 
 def read_vocab(folder: Path) -> GeneVocab:
