@@ -144,3 +144,23 @@ def test_a_wrong_gene_panel_is_one_clear_error(tmp_path):
     (folder / "panglao_10000.h5ad").unlink()
     with pytest.raises(UserError, match="lacks the gene panel"):
         load(folder)
+
+
+def test_scberts_published_conv_head_reads_every_position(compose_config):
+    from scpeft_cli.assembly import assemble
+
+    cfg = compose_config(["backbone=scbert_small", "backbone.d_model=12", "backbone.n_layers=1", "backbone.dim_head=4",
+                          "backbone.nb_features=8", "peft=head_only", "task.head=scbert_conv"])  # fmt: skip
+    adata = cells()
+    parts = assemble(cfg, head_settings={"n_classes": 3}, cells=adata)
+    head, positions = parts.model.head, adata.n_vars + 1
+    assert head.fc1.in_features == positions and head.conv1.kernel_size == (1, 12)
+    assert sum(p.numel() for p in head.parameters()) == (12 + 1) + (positions * 512 + 512) + (512 * 128 + 128) + (128 * 3 + 3)
+    tokens = tokenize_cells(parts.backbone.tokenizer, adata, seed=0)
+    batch = parts.backbone.tokenizer.collate([tokens.cell(i) for i in range(len(tokens))])
+    logits, embedding = parts.model(batch)
+    assert logits.shape == (4, 3) and embedding.shape == (4, 12)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in head.parameters())
+    with pytest.raises(UserError, match="scbert_conv reads a fixed number of positions, which scGPT cells do not have"):
+        assemble(compose_config(["backbone=scgpt_small", "task.head=scbert_conv"]), head_settings={"n_classes": 3}, cells=adata)

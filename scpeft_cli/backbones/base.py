@@ -89,6 +89,11 @@ class Backbone(nn.Module, ABC):
         """One vector per cell (batch, cell_embedding_dim) from `forward`'s token states."""
 
     @property
+    def sequence_length(self) -> int | None:
+        """The number of positions of every cell when it is fixed (scBERT: panel + 1); None when it varies."""
+        return None
+
+    @property
     def cell_embedding_dim(self) -> int:
         """The width of `cell_embedding` (what a head on it reads): d_model unless the family pools wider."""
         return self.d_model

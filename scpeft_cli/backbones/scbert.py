@@ -106,6 +106,10 @@ class ScBERT(Backbone):
     def token_embedding_adapter_owner(self) -> nn.Module:
         return self.token_emb
 
+    @property
+    def sequence_length(self) -> int:
+        return self.arch.n_genes + 1
+
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         tokens = batch["tokens"]
         positions = torch.arange(tokens.shape[1], device=tokens.device)
@@ -185,12 +189,14 @@ def build_scbert(
     d_ff: int,
     n_bins: int,
     seed: int,
+    n_genes: int | None = None,
     cells=None,
     saved: str | Path | None = None,
     vocab_only: bool = False,
 ) -> LoadedBackbone | object | None:
     """scBERT from `checkpoint` (DIR with panglao_pretrain.pth and the gene panel) or randomly initialised
-    with `seed` over the data's genes (the contract in `backbones/base.py`)."""
+    with `seed` over the data's genes (the contract in `backbones/base.py`). `n_genes`: the panel size of a
+    random model built without data (`describe` at the release's 16,906 genes; placeholder gene names)."""
     folder = Path(checkpoint).expanduser() if checkpoint else None
     if folder is not None and not (folder / WEIGHTS_FILE).is_file():
         raise UserError(f"scBERT checkpoint folder {folder} lacks {WEIGHTS_FILE}; set backbone.checkpoint to the folder holding it")
@@ -214,8 +220,10 @@ def build_scbert(
             panel = read_panel_text(Path(saved) / PANEL_FILE)
         elif cells is not None:
             panel = tuple(str(g) for g in cells.var_names)
+        elif n_genes:
+            panel = tuple(f"placeholder_gene_{i}" for i in range(n_genes))
         else:
-            raise DataNeeded("a randomly initialised scBERT needs data: its genes form the panel")
+            raise DataNeeded("a randomly initialised scBERT needs data (its genes form the panel) or backbone.n_genes")
         arch = ScBERTArchitecture(
             n_tokens=n_bins + 2, n_genes=len(panel), d_model=d_model, n_layers=n_layers, n_heads=n_heads,
             dim_head=dim_head, nb_features=nb_features, d_ff=d_ff,

@@ -78,7 +78,7 @@ class AnnotationTask(Task):
 
     def build_head(self, kind: str, backbone, settings: dict[str, Any]) -> nn.Module:
         n_classes = len(settings["classes"]) if "classes" in settings else int(settings["n_classes"])
-        return build_head(kind, backbone.model.cell_embedding_dim, n_classes, self.n_cls_layers)
+        return build_head(kind, backbone.model, n_classes, self.n_cls_layers)
 
     def head_settings_from_config(self) -> dict[str, Any] | None:
         return {"n_classes": self.n_classes} if self.n_classes else None
