@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from scpeft_cli.backbones.layers import PromptHook, run_layers
+from scpeft_cli.console import warn
 from scpeft_cli.errors import UserError
 
 # What a backbone may offer beyond the layer stack (the shared TransformerLayer's adapter slots and
@@ -154,23 +155,42 @@ class LoadedBackbone:
 _BLOCKED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
-def read_torch_weights(path: Path, *, entry: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """A state dict saved with `torch.save`, read with `weights_only=True` (no code runs on load).
+def load_torch_file(path: Path, *, what: str = "state dict", trust_setting: str | None = None, trust: bool = False) -> Any:
+    """A `torch.save` file read with `weights_only=True` (no code runs on load).
 
-    `entry`: the keys leading to the state dict inside a saved dict (scBERT: ("model_state_dict",)).
-    A file that would run code is refused in one line naming what it references.
+    A file that would run code is refused in one line naming what it references; with `trust_setting` (the
+    option that allows it) the line names that option, and with `trust` the file is fully unpickled.
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = _BLOCKED_GLOBAL.search(str(err))
         if found is None:  # not a pickle at all
-            raise UserError(f"cannot load {path} as a PyTorch state dict (it is not a torch.save file)") from None
-        raise UserError(
-            f"refused {path}: loading it could run code (it references {found.group(1)}); only plain state dicts of tensors are read"
-        ) from None
+            raise UserError(f"cannot load {path} as a PyTorch {what} (it is not a torch.save file)") from None
+        if not trust and trust_setting is None:
+            raise UserError(
+                f"refused {path}: loading it could run code (it references {found.group(1)}); only plain state dicts of tensors are read"
+            ) from None
+        if not trust:
+            raise UserError(
+                f"refused {path}: it does not load with weights_only=True (it references {found.group(1)}), so loading it "
+                f"could run code; set {trust_setting}=true to unpickle it fully if you trust its source"
+            ) from None
     except Exception as err:  # truncated files, non-torch files
-        raise UserError(f"cannot load {path} as a PyTorch state dict ({type(err).__name__}: {str(err)[:200]})") from None
+        raise UserError(f"cannot load {path} as a PyTorch {what} ({type(err).__name__}: {str(err)[:200]})") from None
+    warn(f"{trust_setting}=true: fully unpickling {path} (this can run code stored in the file)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise UserError(f"cannot load {path} ({type(err).__name__}: {str(err)[:200]})") from None
+
+
+def read_torch_weights(path: Path, *, entry: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """A state dict saved with `torch.save`, read with `weights_only=True` (`load_torch_file`).
+
+    `entry`: the keys leading to the state dict inside a saved dict (scBERT: ("model_state_dict",)).
+    """
+    state = load_torch_file(path)
     for key in entry:
         if not isinstance(state, dict) or key not in state:
             found = ", ".join(map(str, list(state)[:8])) if isinstance(state, dict) else type(state).__name__

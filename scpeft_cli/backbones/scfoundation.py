@@ -21,7 +21,6 @@ read a gene there); a cell without genes gets zeros in the max and mean slots.
 
 from __future__ import annotations
 
-import pickle
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -32,12 +31,12 @@ import torch
 from torch import nn
 
 from scpeft_cli.backbones.base import (
-    _BLOCKED_GLOBAL,
     LAYER_FEATURES,
     Backbone,
     DataNeeded,
     LoadedBackbone,
     load_state_dict_exactly,
+    load_torch_file,
 )
 from scpeft_cli.backbones.layers import TransformerLayer
 from scpeft_cli.backbones.official import checked_folder, rename_layer_keys
@@ -200,28 +199,6 @@ def _checked_folder(folder: str | Path) -> Path:
     return checked_folder(folder, (CHECKPOINT_FILE, PANEL_TSV), family="scFoundation")
 
 
-def read_checkpoint_file(path: Path, *, trust: bool) -> Any:
-    """`models.ckpt` read with `weights_only=True`; a file that needs more is refused unless `trust`."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = _BLOCKED_GLOBAL.search(str(err))
-        if found is None:
-            raise UserError(f"cannot load {path} as a PyTorch checkpoint (it is not a torch.save file)") from None
-        if not trust:
-            raise UserError(
-                f"refused {path}: it does not load with weights_only=True (it references {found.group(1)}), so loading it "
-                "could run code; set backbone.trust_checkpoint=true to unpickle it fully if you trust its source"
-            ) from None
-    except Exception as err:
-        raise UserError(f"cannot load {path} as a PyTorch checkpoint ({type(err).__name__}: {str(err)[:200]})") from None
-    warn(f"backbone.trust_checkpoint=true: fully unpickling {path} (this can run code stored in the file)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise UserError(f"cannot load {path} ({type(err).__name__}: {str(err)[:200]})") from None
-
-
 def _entry(checkpoint: Any, path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """The 'cell' entry's model config (the `mae_autobin` dict) and state dict."""
     if not isinstance(checkpoint, dict) or ENTRY not in checkpoint:
@@ -308,7 +285,7 @@ def build_scfoundation(
         folder = _checked_folder(checkpoint)
         panel = read_panel_tsv(folder / PANEL_TSV)
         path = folder / CHECKPOINT_FILE
-        config, state = _entry(read_checkpoint_file(path, trust=trust_checkpoint), path)
+        config, state = _entry(load_torch_file(path, what="checkpoint", trust_setting="backbone.trust_checkpoint", trust=trust_checkpoint), path)
         arch = architecture_from_config(config, path, dropout=dropout, attention_dropout=attention_dropout)
         if len(panel) != arch.panel_size:
             raise UserError(
