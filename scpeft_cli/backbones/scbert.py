@@ -27,7 +27,7 @@ from scpeft_cli.backbones.favor import FavorKernel
 from scpeft_cli.backbones.layers import TransformerLayer
 from scpeft_cli.console import info, warn
 from scpeft_cli.errors import UserError
-from scpeft_cli.tokenizers.scbert import PANEL_FILE, ScBERTTokenizer, read_panel_h5ad, read_panel_text
+from scpeft_cli.tokenizers.scbert import PANEL_FILE, ScBERTTokenizer, read_panel_h5ad
 
 WEIGHTS_FILE = "panglao_pretrain.pth"
 PANEL_FILES = ("panglao_10000.h5ad", "panglao_human.h5ad")
@@ -217,7 +217,7 @@ def build_scbert(
         info(f"loaded scBERT checkpoint {folder}: {arch}")
     else:
         if saved is not None and (Path(saved) / PANEL_FILE).is_file():
-            panel = read_panel_text(Path(saved) / PANEL_FILE)
+            panel = ScBERTTokenizer.load_saved(saved, n_bins=n_bins).panel
         elif cells is not None:
             panel = tuple(str(g) for g in cells.var_names)
         elif n_genes:

@@ -312,7 +312,7 @@ def build_scfoundation(
         pad_value = arch.pad_value
     else:
         if saved is not None and (Path(saved) / PANEL_FILE).is_file():
-            panel = read_panel_tsv(Path(saved) / PANEL_FILE)
+            panel = ScFoundationTokenizer.load_saved(saved).panel
         elif cells is not None:
             panel = tuple(str(g) for g in cells.var_names)
         else:
