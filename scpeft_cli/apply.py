@@ -7,7 +7,6 @@ uns["scpeft"]), written under a temporary name and renamed.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import pandas as pd
 from omegaconf import DictConfig
 from torch import nn
 
+from scpeft_cli import artifacts
 from scpeft_cli.console import info
 from scpeft_cli.errors import UserError
 from scpeft_cli.peft.persistence import TRAINING_GENES_FILE
@@ -84,9 +84,7 @@ def write_annotated_copy(
     full[rows] = embeddings
     original.obsm["X_scpeft"] = full
     original.uns["scpeft"] = _h5ad_safe(uns)
-    tmp = output.with_name(f".{output.name}.tmp")
-    original.write_h5ad(tmp)
-    os.replace(tmp, output)
+    artifacts.write_h5ad(output, original)
     dropped = original.n_obs - len(rows)
     info(f"wrote {output} ({len(rows)} cells{f'; {dropped} empty cells left without results' if dropped else ''})")
     return original

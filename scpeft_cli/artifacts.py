@@ -39,6 +39,10 @@ def write_csv(path: str | Path, table: pd.DataFrame, *, index: bool = False) -> 
     _atomic_write(Path(path), lambda tmp: table.to_csv(tmp, index=index))
 
 
+def write_h5ad(path: str | Path, adata) -> None:
+    _atomic_write(Path(path), lambda tmp: adata.write_h5ad(tmp))
+
+
 def plot_confusion(path: str | Path, confusion: pd.DataFrame, *, title: str) -> None:
     """Row-normalised confusion heatmap (recall on the diagonal) with the raw counts written in."""
     counts = confusion.to_numpy()

@@ -4,7 +4,6 @@ scanpy/scib users) and a UMAP grid: adapted vs unintegrated, coloured by batch a
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import anndata
@@ -16,13 +15,10 @@ from scpeft_cli.data.loading import BATCH_COLUMN
 
 
 def write_embeddings(path: Path, cells: anndata.AnnData, *, metrics: dict[str, dict[str, float]], title: str) -> None:
-    """`cells` (prepared: log-normalised X, counts layer) with obsm["X_scpeft"] and the baselines' embeddings;
-    uns["scpeft"] records the run and each embedding's metrics (as JSON, which h5ad stores faithfully)."""
-    out = cells.copy()
-    out.uns["scpeft"] = {"task": "integration", "run": title, "batch_column": BATCH_COLUMN, "metrics": json.dumps(metrics)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    out.write_h5ad(tmp)
-    os.replace(tmp, path)
+    """`cells` (the run's own copy of the prepared cells, with obsm["X_scpeft"] and the baselines' embeddings),
+    after setting uns["scpeft"]: the run and each embedding's metrics (as JSON, which h5ad stores faithfully)."""
+    cells.uns["scpeft"] = {"task": "integration", "run": title, "batch_column": BATCH_COLUMN, "metrics": json.dumps(metrics)}
+    artifacts.write_h5ad(path, cells)
 
 
 def plot_integration_umap(path: Path, cells: anndata.AnnData, *, label_key: str | None, seed: int, title: str) -> None:
