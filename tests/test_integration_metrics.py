@@ -252,6 +252,12 @@ def test_parity_with_scib(realistic):
     assert all(0.05 < ours[k] < 0.99 for k in pairs)
 
 
+def test_a_precomputed_unintegrated_pcr_gives_the_same_scores(realistic):
+    before = im.pc_regression(realistic.X, realistic.obs["str_batch"])
+    kwargs = dict(embedding_key="X_emb", batch_key="str_batch")  # batch metrics only: no Leiden needed
+    assert im.integration_scores(realistic, **kwargs, unintegrated_pcr=before) == im.integration_scores(realistic, **kwargs)
+
+
 @needs_leiden
 @scib_noise
 def test_parity_with_scib_functions(realistic):

@@ -257,12 +257,14 @@ def pc_regression(X, batches, *, n_comps: int | None = 50) -> float:
     return float(np.sum(r2 * variance / variance.sum()))
 
 
-def pcr_batch(X_before, X_after, batches, *, n_comps: int | None = 50) -> PCRComparison:
+def pcr_batch(X_before, X_after, batches, *, n_comps: int | None = 50, before: float | None = None) -> PCRComparison:
     """PCR batch score: scib ``pcr_comparison(scale=True)``: ``pcr_before`` and ``pcr_after`` are the batch's variance
     shares (``pc_regression``) of the data before and after integration, each with its own PCA of ``n_comps`` PCs;
     score = ``(before - after) / before``, set to 0 when negative (the batch's share grew), so it lies in [0, 1]:
-    1 = the batch explains nothing any more, 0 = no change. NaN when ``pcr_before`` is 0 (scib divides by it)."""
-    before = pc_regression(X_before, batches, n_comps=n_comps)
+    1 = the batch explains nothing any more, 0 = no change. NaN when ``pcr_before`` is 0 (scib divides by it).
+    ``before``: ``pc_regression(X_before, batches, n_comps=n_comps)`` when already computed (``X_before`` is then unread)."""
+    if before is None:
+        before = pc_regression(X_before, batches, n_comps=n_comps)
     after = pc_regression(X_after, batches, n_comps=n_comps)
     if before == 0:
         score = float("nan")
@@ -287,6 +289,7 @@ def integration_scores(
     flavor: str = "leidenalg",
     n_comps: int | None = 50,
     random_state: int = 0,
+    unintegrated_pcr: float | None = None,
 ) -> dict[str, float]:
     """scib's integration metrics of ``adata.obsm[embedding_key]``, as scGPT's integration tutorial runs them
     (``scib.metrics.metrics(adata, adata_int=adata, embed=..., nmi_, ari_, silhouette_, graph_conn_, pcr_)``).
@@ -304,7 +307,10 @@ def integration_scores(
 
     Without labels (``label_key`` None) the bio metrics cannot be computed: the result has only the batch metrics
     ``asw_batch``, ``graph_connectivity``, ``pcr_batch`` and ``avg_batch``, the first two with all cells as one label
-    (what scib returns for a constant label column)."""
+    (what scib returns for a constant label column).
+
+    ``unintegrated_pcr``: the unintegrated data's ``pc_regression``, when scoring several embeddings of the same cells
+    (it is the same for each, and its PCA the costliest step)."""
     embedding = np.asarray(adata.obsm[embedding_key])
     batches = _labels(adata.obs[batch_key])
     has_labels = label_key is not None
@@ -319,7 +325,9 @@ def integration_scores(
     scores["asw_batch"] = asw_batch(embedding, batches, labels)
     scores["graph_connectivity"] = graph_connectivity(graph, labels)
     if unintegrated_key is not None:
-        scores["pcr_batch"] = pcr_batch(_matrix(adata, unintegrated_key), embedding, batches, n_comps=n_comps).score
+        scores["pcr_batch"] = pcr_batch(
+            _matrix(adata, unintegrated_key), embedding, batches, n_comps=n_comps, before=unintegrated_pcr
+        ).score
     scores["avg_batch"] = float(np.mean([scores["asw_batch"], scores["graph_connectivity"]]))
     if has_labels:
         scores["avg_bio"] = float(np.mean([scores["nmi"], scores["ari"], scores["asw_label"]]))

@@ -22,7 +22,7 @@ from scpeft_cli.instantiate import instantiate
 from scpeft_cli.tasks.base import RunContext, Task, TaskData
 from scpeft_cli.tasks.integration.baselines import harmony_embedding, missing_harmony, pca_embedding
 from scpeft_cli.tasks.integration.heads import BATCH_IDS, IntegrationHead
-from scpeft_cli.tasks.integration.metrics import integration_scores
+from scpeft_cli.tasks.integration.metrics import integration_scores, pc_regression
 from scpeft_cli.tasks.integration.objectives import (
     ObjectiveWeights,
     dab_loss,
@@ -172,9 +172,11 @@ class IntegrationTask(Task):
             else:
                 cells.obsm["X_harmony"] = harmony_embedding(cells.obsm["X_pca"], cells.obs[BATCH_COLUMN], seed=cfg.seed)
         label_key = "label" if "label" in cells.obs else None
+        unintegrated = pc_regression(cells.X, cells.obs[BATCH_COLUMN])  # shared by every embedding's PCR batch
         scores = {
             name: integration_scores(cells, embedding_key=key, batch_key=BATCH_COLUMN, label_key=label_key,
-                                     n_neighbors=cfg.evaluation.n_neighbors, random_state=cfg.seed)
+                                     n_neighbors=cfg.evaluation.n_neighbors, random_state=cfg.seed,
+                                     unintegrated_pcr=unintegrated)
             for name, key in EMBEDDINGS.items() if key in cells.obsm
         }  # fmt: skip
         last = run.fit.history[-1]
