@@ -138,6 +138,18 @@ class Backbone(nn.Module, ABC):
         self.recompute_frozen_qkv = recompute_frozen_qkv
 
 
+def random_backbone(name: str, seed: int, build: Callable[[], Backbone]) -> Backbone:
+    """`build()` under `seed` (the global RNG left as it was), announced loudly: a random model is no pretrained one."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build()
+    warn(
+        f"backbone '{name}' is RANDOMLY INITIALISED (backbone.checkpoint=null): results are not those of a "
+        "pretrained model; set backbone.checkpoint=DIR to load real weights"
+    )
+    return model
+
+
 @dataclass
 class LoadedBackbone:
     """A built backbone module with the tokenizer that feeds it and where its weights came from."""

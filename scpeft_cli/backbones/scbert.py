@@ -21,11 +21,12 @@ from scpeft_cli.backbones.base import (
     DataNeeded,
     LoadedBackbone,
     load_state_dict_exactly,
+    random_backbone,
     read_torch_weights,
 )
 from scpeft_cli.backbones.favor import FavorKernel
 from scpeft_cli.backbones.layers import TransformerLayer
-from scpeft_cli.console import info, warn
+from scpeft_cli.console import info
 from scpeft_cli.errors import UserError
 from scpeft_cli.tokenizers.scbert import PANEL_FILE, ScBERTTokenizer, read_panel_h5ad
 
@@ -228,10 +229,7 @@ def build_scbert(
             n_tokens=n_bins + 2, n_genes=len(panel), d_model=d_model, n_layers=n_layers, n_heads=n_heads,
             dim_head=dim_head, nb_features=nb_features, d_ff=d_ff,
         )  # fmt: skip
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = ScBERT(arch)
-        warn(f"backbone '{name}' is RANDOMLY INITIALISED (backbone.checkpoint=null): results are not those of a pretrained model")
+        model = random_backbone(name, seed, lambda: ScBERT(arch))
     tokenizer = ScBERTTokenizer(panel=panel, n_bins=n_bins)
     source = str(folder.resolve()) if folder else None
     return LoadedBackbone(name=name, model=model, tokenizer=tokenizer, pretrained=folder is not None, checkpoint=source)

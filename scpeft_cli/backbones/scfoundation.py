@@ -37,10 +37,11 @@ from scpeft_cli.backbones.base import (
     LoadedBackbone,
     load_state_dict_exactly,
     load_torch_file,
+    random_backbone,
 )
 from scpeft_cli.backbones.layers import TransformerLayer
 from scpeft_cli.backbones.official import checked_folder, rename_layer_keys
-from scpeft_cli.console import info, warn
+from scpeft_cli.console import info
 from scpeft_cli.errors import UserError
 from scpeft_cli.tokenizers.scbert import PanelVocab
 from scpeft_cli.tokenizers.scfoundation import PANEL_FILE, ScFoundationTokenizer, read_panel_tsv
@@ -324,13 +325,7 @@ def build_scfoundation(
         )  # fmt: skip
         if arch.d_model % arch.n_heads:
             raise UserError(f"backbone.d_model {d_model} is not divisible by backbone.n_heads {n_heads}")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = ScFoundation(arch)
-        warn(
-            f"backbone '{name}' is RANDOMLY INITIALISED (backbone.checkpoint=null): results are not those of a "
-            "pretrained model; set backbone.checkpoint=DIR to load real weights"
-        )
+        model = random_backbone(name, seed, lambda: ScFoundation(arch))
         pad_value = PAD_VALUE
     tokenizer = ScFoundationTokenizer(
         panel=panel, target_depth=target_depth, max_seq_len=max_seq_len, pad_value=pad_value

@@ -8,10 +8,16 @@ from pathlib import Path
 
 import torch
 
-from scpeft_cli.backbones.base import DataNeeded, LoadedBackbone, load_state_dict_exactly, read_torch_weights
+from scpeft_cli.backbones.base import (
+    DataNeeded,
+    LoadedBackbone,
+    load_state_dict_exactly,
+    random_backbone,
+    read_torch_weights,
+)
 from scpeft_cli.backbones.official import checked_folder, rename_layer_keys
 from scpeft_cli.backbones.scgpt import ScGPT, ScGPTArchitecture
-from scpeft_cli.console import info, warn
+from scpeft_cli.console import info
 from scpeft_cli.errors import UserError
 from scpeft_cli.tokenizers.scgpt import VOCAB_FILE, ScGPTTokenizer
 from scpeft_cli.tokenizers.vocab import CLS_TOKEN, PAD_TOKEN, GeneVocab
@@ -171,13 +177,7 @@ def build_scgpt(
             n_tokens=n_tokens,
             pad_id=vocab.pad_id,
         )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = ScGPT(arch)
-        warn(
-            f"backbone '{name}' is RANDOMLY INITIALISED (backbone.checkpoint=null): results are not those of a "
-            "pretrained model; set backbone.checkpoint=DIR to load real weights"
-        )
+        model = random_backbone(name, seed, lambda: ScGPT(arch))
     tokenizer = ScGPTTokenizer(vocab=vocab, n_bins=n_bins, max_seq_len=max_seq_len, pad_value=pad_value)
     source = str(Path(checkpoint).expanduser().resolve()) if checkpoint else None
     return LoadedBackbone(

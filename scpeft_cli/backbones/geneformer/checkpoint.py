@@ -21,11 +21,12 @@ from scpeft_cli.backbones.base import (
     LoadedBackbone,
     check_tensors,
     load_state_dict_exactly,
+    random_backbone,
     read_torch_weights,
 )
 from scpeft_cli.backbones.geneformer.dictionaries import GeneDictionaries, read_dictionaries
 from scpeft_cli.backbones.geneformer.model import Geneformer, GeneformerArchitecture, activation_name
-from scpeft_cli.console import info, warn
+from scpeft_cli.console import info
 from scpeft_cli.errors import UserError
 from scpeft_cli.tokenizers.base import tokenizer_input
 from scpeft_cli.tokenizers.geneformer import GeneformerVocab, RankValueTokenizer
@@ -368,14 +369,9 @@ def build_geneformer(
             dropout=dropout,
             attention_dropout=dropout if attention_dropout is None else attention_dropout,
         )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = Geneformer(
-                arch, cls_id=vocab.cls_id, eos_id=vocab.eos_id, embedding_layer=embedding_layer, pooling=pooling
-            )
-        warn(
-            f"backbone '{name}' is RANDOMLY INITIALISED (backbone.checkpoint=null): results are not those of a "
-            "pretrained model; set backbone.checkpoint=DIR to load real weights"
-        )
+        model = random_backbone(
+            name, seed,
+            lambda: Geneformer(arch, cls_id=vocab.cls_id, eos_id=vocab.eos_id, embedding_layer=embedding_layer, pooling=pooling),
+        )  # fmt: skip
         source = None
     return LoadedBackbone(name=name, model=model, tokenizer=tokenizer, pretrained=bool(checkpoint), checkpoint=source)
