@@ -19,6 +19,7 @@ from scpeft_cli.backbones.scbert import build_scbert
 from scpeft_cli.data.loading import prepare
 from scpeft_cli.errors import UserError
 from scpeft_cli.tokenizers.cache import tokenize_cells
+from tests.conftest import run_cli
 
 GENES = [f"G{i}" for i in range(11)]
 DIM, DEPTH, HEADS, DIM_HEAD, FEATURES, FF, TOKENS = 12, 2, 3, 4, 8, 20, 7
@@ -164,3 +165,32 @@ def test_scberts_published_conv_head_reads_every_position(compose_config):
     assert all(p.grad is not None for p in head.parameters())
     with pytest.raises(UserError, match="scbert_conv reads a fixed number of positions, which scGPT cells do not have"):
         assemble(compose_config(["backbone=scgpt_small", "task.head=scbert_conv"]), head_settings={"n_classes": 3}, cells=adata)
+
+
+def test_embed_with_an_official_folder_reproduces_scberts_cell_embeddings(tmp_path):
+    """`scpeft embed backbone=scbert backbone.checkpoint=DIR` against scBERT's preprocessing and forward pass
+    written out here: panel order (zero-filled), 1e4 over the panel, min(floor(log2(1 + x)), 5), token 0
+    appended, and the mean of the final LayerNorm's output over the gene positions."""
+    state = official_state(seed=3)
+    folder = write_release(tmp_path / "scbert", state)
+    genes = ["NOT_IN_PANEL", *reversed(GENES[1:])]  # panel gene G0 absent, one foreign gene, reversed order
+    rng = np.random.default_rng(1)
+    counts = (rng.poisson(4.0, (6, len(genes))) * (rng.random((6, len(genes))) < 0.7)).astype(np.float32)
+    counts[:, 1] += 1
+    anndata.AnnData(sp.csr_matrix(counts), obs=pd.DataFrame(index=[f"c{i}" for i in range(6)]),
+                    var=pd.DataFrame(index=genes)).write_h5ad(tmp_path / "cells.h5ad")  # fmt: skip
+    output = tmp_path / "emb.h5ad"
+    run_cli("embed", "backbone=scbert", f"backbone.checkpoint={folder}", "data=h5ad", f"data.path={tmp_path / 'cells.h5ad'}",
+            f"output={output}", f"hydra.run.dir={tmp_path / 'log'}")  # fmt: skip
+    ours = anndata.read_h5ad(output).obsm["X_scpeft"]
+
+    panel_counts = np.zeros((6, len(GENES)))
+    for column, gene in enumerate(genes):
+        if gene in GENES:
+            panel_counts[:, GENES.index(gene)] = counts[:, column]
+    normalised = panel_counts / panel_counts.sum(1, keepdims=True) * 1e4
+    tokens = np.minimum(np.floor(np.log2(1 + normalised)), 5).astype(np.int64)
+    tokens = torch.as_tensor(np.concatenate([tokens, np.zeros((6, 1), dtype=np.int64)], axis=1))
+    with torch.no_grad():
+        expected = reference(state, tokens)[:, : len(GENES)].mean(1).numpy()
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5)

@@ -25,6 +25,7 @@ from torch import nn
 from scpeft_cli.backbones.base import DataNeeded
 from scpeft_cli.backbones.scfoundation import AutoDiscretizationEmbedding, ScFoundation, build_scfoundation
 from scpeft_cli.errors import UserError
+from tests.conftest import run_cli
 
 D, HEADS, LAYERS, BINS, ALPHA = 16, 2, 2, 7, 0.7
 PANEL = [f"G{i:02d}" for i in range(12)]
@@ -260,8 +261,10 @@ def test_random_init_with_anndata(tmp_path, capsys):
     # a trained run's saved panel is reused without data
     loaded.tokenizer.save(tmp_path)
     assert build(None, saved=tmp_path).tokenizer.panel == tuple(genes)
-    with pytest.raises(DataNeeded):
+    with pytest.raises(DataNeeded, match="backbone.n_genes"):
         build(None)
+    # without data, backbone.n_genes sizes the position table (describe at the release's 19,264 genes)
+    assert build(None, n_genes=30).model.pos_emb.weight.shape == (33, SIZES["d_model"])
 
 
 def test_state_dict_keys_match_checkpoint_names():
@@ -281,3 +284,32 @@ def test_training_backward_with_grad_checkpointing(tmp_path):
     model.cell_embedding(model(batch), batch).sum().backward()
     assert model.token_emb.mlp.weight.grad is not None and model.layers[0].self_attn.qkv.weight.grad is not None
     assert model.encoder.norm.weight.grad is not None
+
+
+def test_embed_with_an_official_folder_reproduces_scfoundations_cell_embeddings(tmp_path):
+    """`scpeft embed backbone=scfoundation backbone.checkpoint=DIR` against get_embedding.py's input written
+    out here (panel order, log1p over the panel total x 1e4, T = 4 and S = log10(total) at their
+    positions, non-zero positions only) and the reference encoder and pooling above."""
+    folder = write_folder(tmp_path / "scfoundation")
+    genes = ["NOT_IN_PANEL", *reversed(PANEL[2:])]  # two panel genes absent, one foreign gene, reversed order
+    rng = np.random.default_rng(5)
+    counts = (rng.poisson(2.0, (5, len(genes))) * (rng.random((5, len(genes))) < 0.5)).astype(np.float32)
+    counts[:, 0] += 9  # counts outside the panel do not enter its total
+    counts[:, 3] += 1
+    anndata.AnnData(sp.csr_matrix(counts), obs=pd.DataFrame(index=[f"c{i}" for i in range(5)]),
+                    var=pd.DataFrame(index=genes)).write_h5ad(tmp_path / "cells.h5ad")  # fmt: skip
+    output = tmp_path / "emb.h5ad"
+    run_cli("embed", "backbone=scfoundation", f"backbone.checkpoint={folder}", "data=h5ad",
+            f"data.path={tmp_path / 'cells.h5ad'}", f"output={output}", f"hydra.run.dir={tmp_path / 'log'}")  # fmt: skip
+    ours = anndata.read_h5ad(output).obsm["X_scpeft"]
+
+    sd = torch.load(folder / "models.ckpt", weights_only=True)["cell"]["state_dict"]
+    expected = []
+    for row in counts:
+        panel_counts = np.array([row[genes.index(g)] if g in genes else 0.0 for g in PANEL], dtype=np.float64)
+        total = panel_counts.sum()
+        values = np.concatenate([np.log1p(panel_counts / total * 1e4), [4.0, math.log10(total)]])
+        ids = np.flatnonzero(values > 0)
+        states = ref_encoder(sd, torch.as_tensor(ids), torch.as_tensor(values[ids]))
+        expected.append(ref_cell_embedding(states, torch.as_tensor(ids)).numpy())
+    np.testing.assert_allclose(ours, np.stack(expected), rtol=1e-4, atol=2e-5)

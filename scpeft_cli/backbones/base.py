@@ -150,6 +150,21 @@ def random_backbone(name: str, seed: int, build: Callable[[], Backbone]) -> Back
     return model
 
 
+def random_panel(
+    family: str, *, saved: str | Path | None, panel_file: str, load_saved: Callable[[str | Path], Any], cells, n_genes: int | None
+) -> tuple[str, ...]:
+    """The gene panel of a randomly initialised model: the one a trained run saved (`load_saved(saved)`,
+    a tokenizer with `.panel`), else the data's genes, else `n_genes` placeholder names (`describe` at
+    release size without data)."""
+    if saved is not None and (Path(saved) / panel_file).is_file():
+        return load_saved(saved).panel
+    if cells is not None:
+        return tuple(str(g) for g in cells.var_names)
+    if n_genes:
+        return tuple(f"placeholder_gene_{i}" for i in range(n_genes))
+    raise DataNeeded(f"a randomly initialised {family} needs data (its genes form the panel) or backbone.n_genes")
+
+
 @dataclass
 class LoadedBackbone:
     """A built backbone module with the tokenizer that feeds it and where its weights came from."""

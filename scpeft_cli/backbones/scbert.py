@@ -18,10 +18,10 @@ from torch import nn
 from scpeft_cli.backbones.base import (
     LAYER_FEATURES,
     Backbone,
-    DataNeeded,
     LoadedBackbone,
     load_state_dict_exactly,
     random_backbone,
+    random_panel,
     read_torch_weights,
 )
 from scpeft_cli.backbones.favor import FavorKernel
@@ -217,14 +217,10 @@ def build_scbert(
         info(f"ignored {len(ignored)} tensors: the MLM head (to_out.*) and the redraw counter (never redrawn here)")
         info(f"loaded scBERT checkpoint {folder}: {arch}")
     else:
-        if saved is not None and (Path(saved) / PANEL_FILE).is_file():
-            panel = ScBERTTokenizer.load_saved(saved, n_bins=n_bins).panel
-        elif cells is not None:
-            panel = tuple(str(g) for g in cells.var_names)
-        elif n_genes:
-            panel = tuple(f"placeholder_gene_{i}" for i in range(n_genes))
-        else:
-            raise DataNeeded("a randomly initialised scBERT needs data (its genes form the panel) or backbone.n_genes")
+        panel = random_panel(
+            "scBERT", saved=saved, panel_file=PANEL_FILE, load_saved=lambda folder: ScBERTTokenizer.load_saved(folder, n_bins=n_bins),
+            cells=cells, n_genes=n_genes,
+        )  # fmt: skip
         arch = ScBERTArchitecture(
             n_tokens=n_bins + 2, n_genes=len(panel), d_model=d_model, n_layers=n_layers, n_heads=n_heads,
             dim_head=dim_head, nb_features=nb_features, d_ff=d_ff,

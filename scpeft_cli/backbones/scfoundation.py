@@ -33,11 +33,11 @@ from torch import nn
 from scpeft_cli.backbones.base import (
     LAYER_FEATURES,
     Backbone,
-    DataNeeded,
     LoadedBackbone,
     load_state_dict_exactly,
     load_torch_file,
     random_backbone,
+    random_panel,
 )
 from scpeft_cli.backbones.layers import TransformerLayer
 from scpeft_cli.backbones.official import checked_folder, rename_layer_keys
@@ -272,13 +272,15 @@ def build_scfoundation(
     seed: int,
     attention_dropout: float | None = None,
     trust_checkpoint: bool = False,
+    n_genes: int | None = None,
     cells=None,
     saved: str | Path | None = None,
     vocab_only: bool = False,
 ) -> LoadedBackbone | PanelVocab | None:
     """scFoundation from a checkpoint folder (architecture from its 'cell' config) or randomly initialised
     with `seed` (the contract in `backbones/base.py`); a random model's panel is the data's genes
-    (`cells`) or the panel a trained run saved in `saved`. `attention_dropout` None: `dropout`."""
+    (`cells`), the panel a trained run saved in `saved`, or `n_genes` placeholders (`describe` without data).
+    `attention_dropout` None: `dropout`."""
     if vocab_only:
         return PanelVocab(read_panel_tsv(_checked_folder(checkpoint) / PANEL_TSV)) if checkpoint else None
     heads: dict[str, dict[str, torch.Tensor]] = {}
@@ -312,12 +314,9 @@ def build_scfoundation(
         )
         pad_value = arch.pad_value
     else:
-        if saved is not None and (Path(saved) / PANEL_FILE).is_file():
-            panel = ScFoundationTokenizer.load_saved(saved).panel
-        elif cells is not None:
-            panel = tuple(str(g) for g in cells.var_names)
-        else:
-            raise DataNeeded("a randomly initialised scFoundation needs data: its gene panel is the data's genes")
+        panel = random_panel(
+            "scFoundation", saved=saved, panel_file=PANEL_FILE, load_saved=ScFoundationTokenizer.load_saved, cells=cells, n_genes=n_genes
+        )
         arch = ScFoundationArchitecture(
             d_model=d_model, n_heads=n_heads, d_ff=d_ff, n_layers=n_layers, dropout=dropout,
             attention_dropout=dropout if attention_dropout is None else attention_dropout,
