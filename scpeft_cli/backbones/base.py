@@ -70,15 +70,15 @@ class Backbone(nn.Module, ABC):
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Token embeddings (batch, length, d_model) entering the first layer."""
 
-    def forward(self, batch: dict[str, torch.Tensor], *, embedding_norm: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, batch: dict[str, torch.Tensor], *, transform_embeddings: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Token states of the last layer run (`active_layers`), padding included.
 
-        `embedding_norm` transforms the token embeddings before the first layer: a task's normalisation of
-        the input (integration's domain-specific batch norm, where scGPT applies it).
+        `transform_embeddings` maps the token embeddings before the first layer: a task's change of the input
+        where scGPT makes it (integration's domain-specific batch norm, perturbation's flag embedding).
         """
         embeddings = self.embed(batch)
-        if embedding_norm is not None:
-            embeddings = embedding_norm(embeddings)
+        if transform_embeddings is not None:
+            embeddings = transform_embeddings(embeddings)
         return run_layers(
             self.active_layers, embeddings, batch["padding_mask"], self.scpeft_prompts,
             checkpointing=self.gradient_checkpointing if self.training else False,

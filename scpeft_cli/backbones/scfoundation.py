@@ -166,10 +166,10 @@ class ScFoundation(Backbone):
         return self.token_emb(batch["values"]) + self.pos_emb(batch["gene_ids"])
 
     def forward(
-        self, batch: dict[str, torch.Tensor], *, embedding_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self, batch: dict[str, torch.Tensor], *, transform_embeddings: Callable[[torch.Tensor], torch.Tensor] | None = None
     ) -> torch.Tensor:
         """The layers' output through the final LayerNorm (`encoder.norm`), as upstream's encoder returns."""
-        return self.encoder.norm(super().forward(batch, embedding_norm=embedding_norm))
+        return self.encoder.norm(super().forward(batch, transform_embeddings=transform_embeddings))
 
     def cell_embedding(self, states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """concat(S, T, max over genes, mean over genes); zeros where a cell lacks S or genes."""

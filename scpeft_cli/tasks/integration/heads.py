@@ -41,7 +41,7 @@ class IntegrationHead(TaskHead):
     def _states(self, backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.dsbn is None:
             return backbone(batch)
-        return backbone(batch, embedding_norm=lambda embeddings: self.dsbn(embeddings, batch[BATCH_IDS]))
+        return backbone(batch, transform_embeddings=lambda embeddings: self.dsbn(embeddings, batch[BATCH_IDS]))
 
     def embed(self, backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return backbone.cell_embedding(self._states(backbone, batch), batch)
