@@ -49,11 +49,14 @@ def build_backbone(cfg: DictConfig, *, cells=None, saved: Path | None = None) ->
 
 
 def fit_to_task(loaded: LoadedBackbone, task: Task) -> None:
-    """Check what the task needs of the backbone (`Task.backbone_features`) and set its tokenizer options."""
+    """Check what the task needs of the backbone (`Task.backbone_features`) and set the tokenizer options
+    the backbone declares for those features, then the task's own."""
     name = task.name
+    options: dict = {}
     for feature in task.backbone_features:
         loaded.model.require(feature, by=f"task={name}")
-    options = task.tokenizer_options
+        options |= loaded.model.feature_tokenizer_options.get(feature, {})
+    options |= task.tokenizer_options
     if not options:
         return
     known = {f.name for f in dataclasses.fields(loaded.tokenizer)} if dataclasses.is_dataclass(loaded.tokenizer) else set()

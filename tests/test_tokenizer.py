@@ -308,3 +308,22 @@ def test_cell_without_values_on_matched_genes_gets_every_gene_at_zero():
         assert ids.tolist() == expected_ids and values.tolist() == [0.0, 0.0, 0.0, 0.0]
     ids, values = tokens.cell(2)
     assert ids.tolist() == expected_ids and values.tolist() == [0.0, 1.0, 0.0, N_BINS - 1]
+
+
+@pytest.mark.parametrize("include_zero_genes", [False, True])
+def test_unbinned_values_are_the_log_normalised_values(include_zero_genes):
+    """value_binning=False (scGPT's perturbation input): each token carries its cell's value itself; with
+    every gene and max_seq_len=None, row i is <cls> then every matched gene's value in column order."""
+    X = with_zero_cells(random_counts(with_ties=False)).astype(np.float32)
+    genes = [f"G{i}" for i in range(X.shape[1])]
+    known = [g for j, g in enumerate(genes) if j % 3]
+    tokenizer = make_tokenizer(known, include_zero_genes=include_zero_genes, value_binning=False, max_seq_len=None)
+    tokens = tokenizer.tokenize(X, genes, seed=0)
+    dense, vocab = X.toarray(), tokenizer.vocab.token_to_id
+    columns = [j for j, g in enumerate(genes) if g in known]
+    for i in range(X.shape[0]):
+        ids, values = tokens.cell(i)
+        kept = columns if include_zero_genes else [j for j in columns if dense[i, j] != 0]
+        assert ids.tolist() == [tokenizer.vocab.cls_id, *(vocab[genes[j]] for j in kept)]
+        np.testing.assert_array_equal(values[1:], dense[i, kept])
+    assert make_tokenizer(known, value_binning=False).cache_settings() != make_tokenizer(known).cache_settings()

@@ -37,8 +37,11 @@ from scpeft_cli.errors import UserError
 # and what tasks may need (`Task.backbone_features`), offered only where a family declares it:
 #   expression_values   per-gene expression values in `batch["values"]` that a decoder can predict (masked
 #                       expression objectives), and `gene_embedding(batch)`: each token's gene-identity embedding
+#   gene_values         every data gene a token carrying its log-normalised value, zeros included, under the
+#                       tokenizer options the family declares in `feature_tokenizer_options["gene_values"]`;
+#                       a token's gene is `batch["gene_ids"]`, mapped to data genes by `tokenizer.vocab.lookup`
 LAYER_FEATURES = ("token_adapter", "prompts", "grad_checkpointing", "recompute_frozen_qkv")
-FEATURES = (*LAYER_FEATURES, "expression_values")
+FEATURES = (*LAYER_FEATURES, "expression_values", "gene_values")
 
 
 class DataNeeded(UserError):
@@ -57,6 +60,9 @@ class Backbone(nn.Module, ABC):
     supports: frozenset[str] = frozenset(LAYER_FEATURES)
     token_adapter_placement = "the token embedding"  # where the token-prompt adapter sits, in words
     zero_shot_l2_normalized = False  # whether the family's own zero-shot embeddings are L2-normalised (`scpeft embed`)
+    # The tokenizer settings that give a feature's inputs, by feature: a task needing the feature gets them
+    # (`assembly.fit_to_task`), so the backbone, not the task, says how its inputs are made.
+    feature_tokenizer_options: dict[str, dict[str, Any]] = {}
 
     def __init__(self) -> None:
         super().__init__()

@@ -69,7 +69,9 @@ class ScGPT(Backbone):
     """Token states for a batch of tokenised cells; the cell embedding is the `<cls>` state."""
 
     family = "scGPT"
-    supports = frozenset((*LAYER_FEATURES, "expression_values"))
+    supports = frozenset((*LAYER_FEATURES, "expression_values", "gene_values"))
+    # scGPT's perturbation model: every gene, log-normalised values unbinned
+    feature_tokenizer_options = {"gene_values": {"include_zero_genes": True, "value_binning": False, "max_seq_len": None}}
     token_adapter_placement = "the expression-value embedding, after its LayerNorm"
     zero_shot_l2_normalized = True  # scGPT's embed_data normalises the <cls> embeddings
 

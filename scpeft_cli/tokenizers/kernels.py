@@ -80,7 +80,7 @@ def kept_per_cell(indptr, indices, data, column_token):
 @njit(parallel=True, cache=True)
 def tokenize_cells(
     indptr, indices, data, sort_keys, column_token, keep_zeros, nonzero_indptr, keep_indptr, out_indptr,
-    quantiles, bin_uniforms, keep_uniforms, keep_per_cell, cls_id, cls_value,
+    quantiles, bin_uniforms, keep_uniforms, keep_per_cell, cls_id, cls_value, binned,
 ):  # fmt: skip
     """Ragged tokens (gene ids, values) in one pass over the matrix: per cell `<cls>`, then its entries in
     column order with their bin codes, `keep_per_cell` of them at random where it has more.
@@ -88,7 +88,8 @@ def tokenize_cells(
     A cell's entries are its non-zero values in vocabulary columns (`nonzero_indptr` counts them) or, with
     `keep_zeros`, every vocabulary column, absent and zero values taking code 0 (upstream's
     `include_zero_gene`); either way only the non-zero values are binned, each with its own
-    `bin_uniforms[nonzero_indptr[i]:nonzero_indptr[i+1]]`, so their codes do not depend on `keep_zeros`.
+    `bin_uniforms[nonzero_indptr[i]:nonzero_indptr[i+1]]`, so their codes do not depend on `keep_zeros`;
+    `binned=False` keeps the values themselves instead of bin codes.
     Cell i's subsampling reads `keep_uniforms[keep_indptr[i]:keep_indptr[i+1]]` (drawn only when some
     cell is subsampled); its tokens go to `out_indptr[i]:out_indptr[i+1]`.
     """
@@ -118,7 +119,10 @@ def tokenize_cells(
                 cell_tokens[at[k]] = token
                 k += 1
         codes = np.zeros(n, dtype=np.float32)
-        if m > 0:
+        if m > 0 and not binned:
+            for i in range(m):
+                codes[at[i]] = cell_values[i]
+        elif m > 0:
             ordered = np.sort(cell_keys).view(data.dtype)
             _cell_codes(cell_values, ordered, quantiles, bin_uniforms[first : first + m], codes, at)
         if n <= keep_per_cell:

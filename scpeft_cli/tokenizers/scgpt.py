@@ -37,20 +37,23 @@ class ScGPTTokenizer:
     Reads log-normalised values: binning is per cell, so normalisation matters only through the gene set.
     `include_zero_genes` makes every vocabulary gene of the data a token of every cell, zeros as value 0
     and bins still from the non-zero values, as scGPT's batch-integration tutorial tokenises.
+    `value_binning=False` keeps the log-normalised values themselves (scGPT's perturbation model reads
+    and predicts them); `max_seq_len=None` keeps every gene.
     """
 
     vocab: GeneVocab
     n_bins: int = 51
-    max_seq_len: int = 3001
+    max_seq_len: int | None = 3001
     pad_value: float = -2.0
     cls_value: float = 0.0
     include_zero_genes: bool = False
+    value_binning: bool = True
     input_kind = "log_normalized"
 
     def cache_settings(self) -> tuple:
         vocab = "\0".join(f"{k}={v}" for k, v in sorted(self.vocab.token_to_id.items()))
         return (FORMAT_VERSION, type(self).__name__, self.n_bins, self.max_seq_len, self.pad_value, self.cls_value,
-                self.include_zero_genes, vocab)
+                self.include_zero_genes, self.value_binning, vocab)
 
     def save(self, directory: Path) -> None:
         self.vocab.to_json(Path(directory) / VOCAB_FILE)
@@ -68,7 +71,7 @@ class ScGPTTokenizer:
         nonzero = kernels.kept_per_cell(X.indptr, X.indices, data, column_token)
         nonzero_indptr = np.concatenate([[0], np.cumsum(nonzero)])
         lengths = np.full(X.shape[0], len(columns)) if self.include_zero_genes else nonzero
-        keep_per_cell = self.max_seq_len - 1
+        keep_per_cell = int(lengths.max(initial=0)) if self.max_seq_len is None else self.max_seq_len - 1
         out_indptr = np.concatenate([[0], np.cumsum(1 + np.minimum(lengths, keep_per_cell))])
 
         rng = np.random.default_rng(seed)
@@ -83,7 +86,7 @@ class ScGPTTokenizer:
         gene_ids, values = kernels.tokenize_cells(
             X.indptr, X.indices, data, _sort_keys(data), column_token, self.include_zero_genes, nonzero_indptr,
             keep_indptr, out_indptr, np.linspace(0, 1, self.n_bins - 1), bin_uniforms, keep_uniforms,
-            keep_per_cell, self.vocab.cls_id, self.cls_value,
+            keep_per_cell, self.vocab.cls_id, self.cls_value, self.value_binning,
         )  # fmt: skip
         return TokenizedCells(
             indptr=out_indptr, gene_ids=gene_ids, values=values, genes_matched=len(columns), genes_total=len(genes)
