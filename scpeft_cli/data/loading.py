@@ -20,11 +20,13 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from scpeft_cli.console import info, warn
+from scpeft_cli.data.conditions import check_conditions
 from scpeft_cli.errors import UserError
 from scpeft_cli.tokenizers.base import COUNTS_LAYER, TOTALS_COLUMN
 
 TARGET_SUM = 1e4
 BATCH_COLUMN = "scpeft_batch"  # the prepared copy of data.batch_key
+CONDITION_COLUMN = "scpeft_condition"  # the prepared copy of data.condition_key (GEARS notation)
 TOTALS_KEY = "n_counts"  # obs column of per-cell total counts (Geneformer's convention, scanpy's older one)
 # Recovered counts farther than this from an integer mean the totals do not belong to these values.
 RECOVERY_TOLERANCE = 0.25
@@ -65,6 +67,8 @@ def read_h5ad(
     drop_unlabeled: bool = False,
     n_top_genes: int | None = None,
     batch_key: str | None = None,
+    condition_key: str | None = None,
+    unknown_perturbations: str = "error",
 ) -> anndata.AnnData:
     """Read a user's .h5ad (never modified) and prepare it.
 
@@ -103,6 +107,8 @@ def read_h5ad(
         drop_unlabeled=drop_unlabeled,
         n_top_genes=n_top_genes,
         batch_key=batch_key,
+        condition_key=condition_key,
+        unknown_perturbations=unknown_perturbations,
     )
 
 
@@ -136,11 +142,16 @@ def prepare(
     drop_unlabeled: bool,
     n_top_genes: int | None = None,
     batch_key: str | None = None,
+    condition_key: str | None = None,
+    unknown_perturbations: str = "error",
 ) -> anndata.AnnData:
     """Validate, clean and log-normalise a matrix (cells x genes) into a new prepared AnnData.
 
     ``genes`` holds one identifier per column; ``obs`` (one row per cell) is copied, not modified.
     ``label_key=None`` (predict, embed) prepares unlabelled cells: no ``obs["label"]``.
+    ``condition_key`` names perturbation conditions in GEARS notation, copied to ``obs["scpeft_condition"]``
+    after gene selection; cells perturbing a gene outside the kept genes stop the run or are dropped
+    (``unknown_perturbations``), since the model could not see such a perturbation.
     """
     if label_key is not None and label_key not in obs.columns:
         raise UserError(
@@ -148,6 +159,8 @@ def prepare(
         )
     if batch_key is not None:
         _check_batch_column(obs, batch_key)
+    if condition_key is not None and condition_key not in obs.columns:
+        raise UserError(f"condition column '{condition_key}' not in obs; available: {_names(obs.columns)}; set data.condition_key to one of them")
     if min_cells_per_class < 0:
         raise UserError(f"data.min_cells_per_class must be >= 0, got {min_cells_per_class}")
     matrix = _to_csr_float32(matrix)
@@ -175,6 +188,10 @@ def prepare(
         adata.X = _to_csr_float32(adata.X)
     if n_top_genes is not None:
         adata = _select_highly_variable(adata, n_top_genes)
+    if condition_key is not None:
+        keep = check_conditions(adata.obs[condition_key].to_numpy(), adata.var_names, unknown=unknown_perturbations, key=condition_key)
+        adata = adata if keep.all() else adata[keep].copy()
+        adata.obs[CONDITION_COLUMN] = adata.obs[condition_key].astype(str).str.strip().to_numpy()
 
     adata.uns["scpeft_input"] = {
         "source": source,
