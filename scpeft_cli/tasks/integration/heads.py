@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from scpeft_cli.backbones.base import check_tensors
-from scpeft_cli.console import info, warn
 from scpeft_cli.tasks.base import TaskHead
 from scpeft_cli.tasks.integration.objectives import (
     BatchDiscriminator,
@@ -62,26 +60,3 @@ class IntegrationHead(TaskHead):
         if self.grad_reverse_discriminator is not None:
             out["dab"] = self.grad_reverse_discriminator(cell)
         return out
-
-    def load_pretrained(self, heads: dict[str, dict[str, torch.Tensor]], *, source: str | None) -> None:
-        """Copy the checkpoint's decoders into the matching modules (names and shapes checked: a mismatch is an
-        error, never a silent skip) and say which modules were loaded and which start random."""
-        loaded, random = [], []
-        for name, module in self.named_children():
-            tensors = heads.get(name, {})
-            expected = {key: tuple(t.shape) for key, t in module.state_dict().items()}
-            present = {key: shape for key, shape in expected.items() if key in tensors}
-            check_tensors(tensors, present, source=f"the checkpoint's {name}.*", against=f"this run's {name}")
-            module.load_state_dict(tensors, strict=False)
-            if not present:
-                random.append(name)
-                continue
-            loaded.append(name)
-            random += sorted({f"{name}.{key.split('.')[0]}" for key in expected if key not in present})
-        if loaded:
-            info(f"heads loaded from the checkpoint: {', '.join(loaded)}")
-        if random:
-            pretrained_decoder_missing = source is not None and any(n.split(".")[0] in ("decoder", "mvc_decoder") for n in random)
-            (warn if pretrained_decoder_missing else info)(
-                f"heads starting random: {', '.join(random)}" + ("" if source else " (randomly initialised backbone)")
-            )

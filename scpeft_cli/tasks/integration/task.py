@@ -34,6 +34,7 @@ from scpeft_cli.tasks.integration.objectives import (
     zero_prob_nll,
 )
 from scpeft_cli.tasks.integration.outputs import plot_integration_umap, write_embeddings
+from scpeft_cli.tasks.pretrained_heads import load_pretrained_heads
 
 HEADLINE = ("avg_bio", "avg_batch", "overall")
 EMBEDDINGS = {"scpeft": "X_scpeft", "pca": "X_pca", "harmony": "X_harmony", "zero_shot": "X_zero_shot"}
@@ -112,7 +113,7 @@ class IntegrationTask(Task):
         return IntegrationHead(backbone.model.d_model, len(settings["batches"]), self.weights)
 
     def initialise_head(self, head: IntegrationHead, backbone) -> None:
-        head.load_pretrained(backbone.heads, source=backbone.checkpoint)
+        load_pretrained_heads(head, backbone.heads, source=backbone.checkpoint)
 
     def head_settings_from_config(self) -> dict[str, Any] | None:
         return {"batches": [f"batch{i}" for i in range(self.n_batches)]} if self.n_batches else None
