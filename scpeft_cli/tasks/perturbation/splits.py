@@ -109,3 +109,13 @@ def split_summary(split: PerturbationSplit) -> str:
     groups = list(split.subgroups["test"].values())
     per_group = ", ".join(f"{name} {groups.count(name)}" for name in SUBGROUPS)
     return f"simulation split over conditions: {counts} (train incl. {CONTROL}); test subgroups: {per_group}"
+
+
+MODES = ("simulation",)
+
+
+def perturbation_split(*, conditions: Iterable[str], seed: int, mode: str, train_gene_set_size: float, combo_seen2_train_frac: float) -> PerturbationSplit:
+    """`split=perturbation`: conditions split by `split.mode` (GEARS' `simulation`, the split scPEFT used)."""
+    if mode not in MODES:
+        raise UserError(f"split.mode={mode} is not known; choose one of: {', '.join(MODES)}")
+    return simulation_split(conditions, seed=seed, train_gene_set_size=train_gene_set_size, combo_seen2_train_frac=combo_seen2_train_frac)
