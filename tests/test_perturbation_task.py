@@ -27,8 +27,8 @@ SIMULATED = ["data=perturbseq_simulated", *(f"data.{key}={value}" for key, value
 CASES = ["full", "head_only", "token_prompt", "encoder_prompt", "prefix", "lora", "hf_lora", "hybrid"]
 
 
-def _loaded(compose_config, *overrides):
-    cfg = compose_config(["task=perturbation", *BACKBONES["scgpt"], *SIMULATED, *overrides])
+def _loaded(compose_config, *overrides, backbone="scgpt"):
+    cfg = compose_config(["task=perturbation", *BACKBONES[backbone], *SIMULATED, *overrides])
     task = instantiate(cfg.task)
     data = task.load(cfg)
     parts = assemble(cfg, head_settings=data.head_settings, cells=data.adata[data.index["train"]])
@@ -42,13 +42,17 @@ def _batch(parts, data, tokens, rows):
     return next(iter(loader))
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_the_perturbation_objective_trains_exactly_the_strategy_and_the_head(compose_config, case):
-    _, task, data, parts, tokens = _loaded(compose_config, *STRATEGIES[case])
+MATRIX = [("scgpt", case) for case in CASES] + [("scfoundation", case) for case in ("full", "token_prompt", "encoder_prompt", "prefix", "lora")]
+SPECIAL_TOKENS = {"scgpt": 1, "scfoundation": 2}  # <cls>; T and S
+
+
+@pytest.mark.parametrize("backbone,case", MATRIX)
+def test_the_perturbation_objective_trains_exactly_the_strategy_and_the_head(compose_config, backbone, case):
+    _, task, data, parts, tokens = _loaded(compose_config, *STRATEGIES[case], backbone=backbone)
     tokenizer = parts.backbone.tokenizer
-    assert tokenizer.include_zero_genes and not tokenizer.value_binning and tokenizer.max_seq_len is None
+    assert tokenizer.include_zero_genes and tokenizer.max_seq_len is None  # the backbone's gene_values options
     batch, model = _batch(parts, data, tokens, data.index["train"][:12]), parts.model
-    assert batch["gene_ids"].shape[1] == 1 + SIZES["n_genes"], "every gene is a token, zeros included"
+    assert batch["gene_ids"].shape[1] == SPECIAL_TOKENS[backbone] + SIZES["n_genes"], "every gene is a token, zeros included"
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()

@@ -333,3 +333,24 @@ def test_read_panel_h5ad(tmp_path):
         with pytest.raises(UserError, match="cannot read the gene panel") as err:
             read_panel_h5ad(wrong)
         assert str(wrong) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_scfoundation_with_zero_genes_gives_every_filled_panel_gene():
+    """include_zero_genes (task=perturbation's input): every panel gene the data has, in panel order, 0 where
+    the cell has no count, the others as upstream; then T and S as without zero genes."""
+    X, genes = toy_data()
+    tokens = ScFoundationTokenizer(PANEL, include_zero_genes=True).tokenize(X, genes, seed=0)
+    plain = ScFoundationTokenizer(PANEL).tokenize(X, genes, seed=0)
+    panel_x = reordered(np.asarray(X.todense(), dtype=np.float64), genes, PANEL)[:, :20]  # G20..G23: not in the data
+    for i, row in enumerate(panel_x):
+        ids, values = tokens.cell(i)
+        total = row.sum()
+        expected = np.log1p(row / total * 1e4) if total > 0 else np.zeros(20)
+        np.testing.assert_array_equal(ids[:20], np.arange(20))
+        np.testing.assert_array_equal(values[:20], expected.astype(np.float32))
+        plain_ids, plain_values = plain.cell(i)
+        special = plain_ids >= len(PANEL)
+        np.testing.assert_array_equal(ids[20:], plain_ids[special])  # T, and S where the total is > 1
+        np.testing.assert_array_equal(values[20:], plain_values[special])
+    settings = ScFoundationTokenizer(PANEL).cache_settings()
+    assert ScFoundationTokenizer(PANEL, include_zero_genes=True).cache_settings() != settings

@@ -121,7 +121,9 @@ class ScFoundation(Backbone):
     """Token states (final-norm output) for tokenised cells; the cell embedding is 4 x d_model."""
 
     family = "scFoundation"
-    supports = frozenset(LAYER_FEATURES)
+    supports = frozenset((*LAYER_FEATURES, "gene_values"))
+    # every panel gene the data has, zeros included; no length limit (T and S stay as they are)
+    feature_tokenizer_options = {"gene_values": {"include_zero_genes": True, "max_seq_len": None}}
     token_adapter_placement = "the expression-value (auto-discretisation) embedding output"
 
     def __init__(self, arch: ScFoundationArchitecture):

@@ -112,13 +112,15 @@ def check_panel(panel: Sequence[str], what: str) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class PanelCounts:
     """The data's counts reordered to a panel: the non-zero entries (cell, panel position, count), cells in
-    order and positions ascending within a cell, and each cell's total over the panel positions."""
+    order and positions ascending within a cell, each cell's total over the panel positions, and the panel
+    positions the data has a gene for (`filled`, ascending)."""
 
     rows: np.ndarray
     positions: np.ndarray
     counts: np.ndarray
     totals: np.ndarray
     genes_matched: int
+    filled: np.ndarray
 
 
 def panel_counts(vocab: PanelVocab, X: sp.spmatrix, genes: Sequence[str]) -> PanelCounts:
@@ -140,7 +142,7 @@ def panel_counts(vocab: PanelVocab, X: sp.spmatrix, genes: Sequence[str]) -> Pan
     rows = np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr))
     totals = np.bincount(rows, weights=counts, minlength=sub.shape[0])
     nonzero = counts > 0
-    return PanelCounts(rows[nonzero], filled[sub.indices[nonzero]], counts[nonzero], totals, len(columns))
+    return PanelCounts(rows[nonzero], filled[sub.indices[nonzero]], counts[nonzero], totals, len(columns), filled)
 
 
 def read_panel_h5ad(path: str | Path) -> tuple[str, ...]:

@@ -114,6 +114,13 @@ def _subsample(starts, counts, keeps, uniform_start, uniforms, n_entries):
     return kept
 
 
+def _with_zero_genes(found, values: np.ndarray, n_cells: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every cell's entries at every filled panel position, ascending, 0 where it has no count."""
+    dense = np.zeros((n_cells, len(found.filled)), dtype=np.float32)
+    dense[found.rows, np.searchsorted(found.filled, found.positions)] = values
+    return np.repeat(np.arange(n_cells), len(found.filled)), np.tile(found.filled, n_cells), dense.ravel()
+
+
 @dataclass(frozen=True)
 class ScFoundationTokenizer:
     """Raw counts -> scFoundation's (position, value) tokens: non-zero panel genes, T, S (see the module notes)."""
@@ -122,6 +129,9 @@ class ScFoundationTokenizer:
     target_depth: float = 4.0
     max_seq_len: int | None = None
     pad_value: float = 103.0
+    # every panel gene the data has, zeros as value 0 (a task predicting every gene's expression); upstream
+    # keeps only the values > 0
+    include_zero_genes: bool = False
     input_kind = "counts"
 
     def __post_init__(self):
@@ -154,7 +164,7 @@ class ScFoundationTokenizer:
     def cache_settings(self) -> tuple:
         return (
             FORMAT_VERSION, type(self).__name__, float(self.target_depth).hex(), self.max_seq_len,
-            float(self.pad_value).hex(), len(self.panel), self.vocab.digest,
+            float(self.pad_value).hex(), len(self.panel), self.vocab.digest, self.include_zero_genes,
         )  # fmt: skip
 
     def save(self, directory: Path) -> None:
@@ -168,8 +178,11 @@ class ScFoundationTokenizer:
         with np.errstate(divide="ignore"):  # total 0: S = -inf, dropped below
             depth = np.log10(found.totals)
         values = np.log1p(found.counts / found.totals[found.rows] * TARGET_SUM)
-        kept = values > 0  # float64, as upstream compares
-        rows, positions, values = found.rows[kept], found.positions[kept], values[kept].astype(np.float32)
+        if self.include_zero_genes:
+            rows, positions, values = _with_zero_genes(found, values, n_cells)
+        else:
+            kept = values > 0  # float64, as upstream compares
+            rows, positions, values = found.rows[kept], found.positions[kept], values[kept].astype(np.float32)
         has_s = depth > 0
         depth = depth.astype(np.float32)
         n_special = 1 + has_s.astype(np.int64)  # T is always there (target_depth > 0)

@@ -54,8 +54,11 @@ class PerturbationHead(TaskHead):
         self.register_buffer("perturbed_columns", torch.as_tensor(perturbed_columns), persistent=False)
 
     def columns(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        columns = self.token_columns[batch["gene_ids"]]
-        return columns.masked_fill(batch["padding_mask"], -1)
+        """Each position's data column; -1 for padding and for ids beyond the vocabulary (scFoundation's T, S)."""
+        ids = batch["gene_ids"]
+        beyond = ids >= len(self.token_columns)
+        columns = self.token_columns[ids.masked_fill(beyond, 0)]
+        return columns.masked_fill(beyond | batch["padding_mask"], -1)
 
     def flags(self, batch: dict[str, torch.Tensor], columns: torch.Tensor) -> torch.Tensor:
         perturbed = self.perturbed_columns[batch[CONDITION_IDS]]  # (batch, 2)
