@@ -93,6 +93,7 @@ class Trainer:
         self.group_by_length = group_by_length
         self.grad_checkpointing = grad_checkpointing
         self.recompute_frozen_qkv = recompute_frozen_qkv
+        self.epoch = 0  # during `fit`, the epochs completed before the one training now (resumes included)
 
     @property
     def device(self) -> torch.device:
@@ -151,6 +152,7 @@ class Trainer:
         with self._progress() as progress, stop_on_signals() as stop:
             while not state.done and state.epoch < self.max_epochs:
                 started = time.perf_counter()
+                self.epoch = state.epoch
                 task = progress.add_task("train", total=len(train_loader), epoch=state.epoch + 1, loss=float("nan"))
                 train_loss = self._train_epoch(step_model, train_loader, optimizer, objective, trainable, state, progress, task, stop)
                 progress.remove_task(task)

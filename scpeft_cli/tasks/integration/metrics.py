@@ -35,6 +35,7 @@ __all__ = [
     "graph_connectivity",
     "integration_scores",
     "knn_graph",
+    "leiden",
     "nmi",
     "optimal_leiden",
     "pc_regression",
@@ -138,7 +139,8 @@ class LeidenResult(NamedTuple):
     scores: dict[float, float]  # NMI at each resolution tried
 
 
-def _leiden(graph: sparse.csr_matrix, resolution: float, *, flavor: str, random_state: int) -> np.ndarray:
+def leiden(graph: sparse.csr_matrix, resolution: float, *, flavor: str, random_state: int) -> np.ndarray:
+    """Leiden clusters (strings) of a kNN graph at one resolution, seeded; `flavor` as in `optimal_leiden`."""
     cells = anndata.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(graph.shape[0])]))
     if flavor == "leidenalg":
         # scanpy's sc.tl.leiden defaults, which scib 1.1.7 calls: leidenalg's RBConfigurationVertexPartition on the
@@ -208,7 +210,7 @@ def optimal_leiden(
     best: LeidenResult | None = None
     scores: dict[float, float] = {}
     for resolution in resolutions:
-        clusters = _leiden(graph, float(resolution), flavor=flavor, random_state=random_state)
+        clusters = leiden(graph, float(resolution), flavor=flavor, random_state=random_state)
         score = nmi(labels, clusters)
         scores[float(resolution)] = score
         if best is None or score > best.nmi:

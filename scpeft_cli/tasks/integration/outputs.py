@@ -14,10 +14,12 @@ from scpeft_cli import artifacts
 from scpeft_cli.data.loading import BATCH_COLUMN
 
 
-def write_embeddings(path: Path, cells: anndata.AnnData, *, metrics: dict[str, dict[str, float]], title: str) -> None:
+def write_embeddings(
+    path: Path, cells: anndata.AnnData, *, metrics: dict[str, dict[str, float]], title: str, task: str = "integration"
+) -> None:
     """`cells` (the run's own copy of the prepared cells, with obsm["X_scpeft"] and the baselines' embeddings),
     after setting uns["scpeft"]: the run and each embedding's metrics (as JSON, which h5ad stores faithfully)."""
-    cells.uns["scpeft"] = {"task": "integration", "run": title, "batch_column": BATCH_COLUMN, "metrics": json.dumps(metrics)}
+    cells.uns["scpeft"] = {"task": task, "run": title, "batch_column": BATCH_COLUMN, "metrics": json.dumps(metrics)}
     artifacts.write_h5ad(path, cells)
 
 

@@ -109,7 +109,7 @@ class IntegrationTask(Task):
 
     def build_head(self, kind: str, backbone, settings: dict[str, Any]) -> IntegrationHead:
         if kind != self.head:
-            raise UserError(f"task=integration has no '{kind}' head (its head is '{self.head}': scGPT's decoders and batch modules); choose another strategy")
+            raise UserError(f"task={self.name} has no '{kind}' head (its head is '{self.head}': scGPT's expression decoders); choose another strategy")
         return IntegrationHead(backbone.model.d_model, len(settings["batches"]), self.weights)
 
     def initialise_head(self, head: IntegrationHead, backbone) -> None:
@@ -136,7 +136,7 @@ class IntegrationTask(Task):
 
     def objective(self, data: TaskData, trainer):
         def loss(model, batch):
-            masked, mask = self._mask(batch, generator=None)
+            masked, mask = self._mask(batch, generator=None, ratio=self.training_mask_ratio(trainer))
             parts = self._parts(model({**batch, "values": masked}), batch, mask)
             total, _ = integration_loss(parts, self.weights)
             return total, {name: value.detach() for name, value in parts.items()}  # unweighted, as validation logs them
@@ -203,8 +203,13 @@ class IntegrationTask(Task):
         )
 
     # ------------------------------------------------------------------------------ objectives
-    def _mask(self, batch: dict[str, torch.Tensor], *, generator: torch.Generator | None):
-        return mask_values(batch["values"], batch["padding_mask"], mask_ratio=self.weights.mask_ratio,
+    def training_mask_ratio(self, trainer) -> float:
+        """The share of values masked in this training step (validation always masks `mask_ratio`)."""
+        return self.weights.mask_ratio
+
+    def _mask(self, batch: dict[str, torch.Tensor], *, generator: torch.Generator | None, ratio: float | None = None):
+        ratio = self.weights.mask_ratio if ratio is None else ratio
+        return mask_values(batch["values"], batch["padding_mask"], mask_ratio=ratio,
                            mask_value=self.weights.mask_value, generator=generator)  # fmt: skip
 
     def _parts(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
