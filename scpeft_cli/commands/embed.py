@@ -18,7 +18,7 @@ from scpeft_cli.apply import (
 )
 from scpeft_cli.assembly import build_backbone, load_trained
 from scpeft_cli.commands.guard import guarded
-from scpeft_cli.commands.predict import finished_run
+from scpeft_cli.commands.predict import data_config_of_run, finished_run
 from scpeft_cli.console import console, warn
 from scpeft_cli.instantiate import instantiate
 from scpeft_cli.paths import config_dir
@@ -39,15 +39,16 @@ class EmbedOptions:
 
 def embed(cfg: DictConfig, _run_dir: Path) -> None:
     output = check_output_path(input_path=cfg.data.path, output=cfg.output, overwrite=cfg.overwrite)
-    cells = instantiate(cfg.data)
     if cfg.run:
-        adapter_dir = finished_run(cfg.run) / "adapter"
-        cells = restrict_to_training_genes(cells, adapter_dir)
+        run_dir = finished_run(cfg.run)
+        adapter_dir = run_dir / "adapter"
+        cells = restrict_to_training_genes(instantiate(data_config_of_run(cfg.data, run_dir)), adapter_dir)
         parts, saved = load_trained(adapter_dir)
         backbone, module, seed, source = parts.backbone, parts.model, saved["seed"], f"run {cfg.run} ({saved.get('peft_option', parts.strategy.name)})"
         inputs = parts.task.inputs(cells, saved)  # e.g. the batches of an integration run's DSBN
         forward = lambda batch: {"x": module.embed(batch)}  # noqa: E731
     else:
+        cells = instantiate(cfg.data)
         backbone = build_backbone(cfg, cells=cells)
         module, seed, source, inputs = backbone.model, cfg.seed, f"backbone {cfg.backbone.name}", {}
         forward = lambda batch: {"x": module.cell_embedding(module(batch), batch)}  # noqa: E731
@@ -63,6 +64,7 @@ def embed(cfg: DictConfig, _run_dir: Path) -> None:
         "pretrained": backbone.pretrained,
         "checkpoint": backbone.checkpoint,
         "gene_overlap": overlap_summary(tokens),
+        "gene_mapping": cells.uns["scpeft_input"].get("gene_mapping"),
         "params": {"normalize": normalized, "seed": seed},
     }
     write_annotated_copy(input_path=cfg.data.path, output=output, cells=cells, obs={}, embeddings=embeddings, uns=uns)

@@ -8,7 +8,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from scpeft_cli import artifacts
 from scpeft_cli.apply import (
@@ -20,11 +20,13 @@ from scpeft_cli.apply import (
 )
 from scpeft_cli.assembly import load_trained
 from scpeft_cli.commands.guard import guarded
-from scpeft_cli.console import console, warn
+from scpeft_cli.console import console, info, warn
 from scpeft_cli.errors import UserError
 from scpeft_cli.instantiate import instantiate
 from scpeft_cli.paths import config_dir
 from scpeft_cli.tokenizers.cache import tokenize_cells
+
+GENE_MAPPING_KEYS = ("species", "ortholog_table", "one_to_many")
 
 
 @dataclass
@@ -46,6 +48,20 @@ def finished_run(run: str) -> Path:
     return run_dir
 
 
+def data_config_of_run(data: DictConfig, run_dir: Path) -> DictConfig:
+    """New cells have their genes mapped as the run's own data had (its config.yaml: data.species,
+    data.ortholog_table, data.one_to_many), unless data.species or data.ortholog_table is given."""
+    saved = run_dir / "config.yaml"
+    if data.get("species") or data.get("ortholog_table") or not saved.is_file():
+        return data
+    trained = OmegaConf.load(saved).get("data") or {}
+    if not (trained.get("species") or trained.get("ortholog_table")):
+        return data
+    mapping = {key: trained.get(key) for key in GENE_MAPPING_KEYS if key in trained}
+    info(f"mapping genes as the run did: {', '.join(f'data.{k}={v}' for k, v in mapping.items() if v is not None)}")
+    return OmegaConf.merge(data, mapping)
+
+
 def predict(cfg: DictConfig, _run_dir: Path) -> None:
     run_dir = finished_run(cfg.run)
     output = check_output_path(input_path=cfg.data.path, output=cfg.output, overwrite=cfg.overwrite)
@@ -54,7 +70,7 @@ def predict(cfg: DictConfig, _run_dir: Path) -> None:
         raise UserError(f"{run_dir} is a {parts.task.name} run, which predicts no labels; `scpeft embed run={run_dir}` gives its cell embeddings")
     if not saved["pretrained"]:
         warn("this run's backbone was RANDOMLY INITIALISED: its predictions are not those of a pretrained model")
-    cells = restrict_to_training_genes(instantiate(cfg.data), run_dir / "adapter")
+    cells = restrict_to_training_genes(instantiate(data_config_of_run(cfg.data, run_dir)), run_dir / "adapter")
     tokens = tokenize_cells(parts.backbone.tokenizer, cells, seed=saved["seed"])
     model = parts.model
     out = run_model(model, lambda batch: dict(zip(("logits", "embeddings"), model(batch), strict=True)), tokens, parts.backbone.tokenizer.collate, cfg=cfg)
@@ -70,6 +86,7 @@ def predict(cfg: DictConfig, _run_dir: Path) -> None:
         "pretrained": saved["pretrained"],
         "classes": list(classes),
         "gene_overlap": overlap_summary(tokens),
+        "gene_mapping": cells.uns["scpeft_input"].get("gene_mapping"),
         "params": {"seed": saved["seed"], "peft": saved["peft"], "backbone": saved["backbone"]},
     }
     write_annotated_copy(

@@ -5,7 +5,9 @@ Prepared means: ``X`` is CSR float32 log-normalised expression (normalize_total 
 values with the cells' totals in ``obs["n_counts"]``), ``obs["scpeft_total_counts"]`` each cell's
 total counts over all of the file's genes, ``var_names`` are unique gene identifiers, ``obs_names``
 are unique cell ids, ``obs["label"]`` is a string Categorical copied from the user's label column
-(``obs["scpeft_batch"]`` likewise from the batch column, when one is named), and ``uns["scpeft_input"]`` records where the data came from. This layer knows nothing about models:
+(``obs["scpeft_batch"]`` likewise from the batch column, when one is named), and ``uns["scpeft_input"]`` records where the data came from.
+Another species' genes are first mapped onto human genes (``data.species`` / ``data.ortholog_table``,
+``data/orthologs.py``); ``uns["scpeft_input"]["gene_mapping"]`` then records how. This layer knows nothing about models:
 each tokenizer takes the matrix it needs (``tokenizers.base.tokenizer_input``).
 """
 
@@ -20,6 +22,7 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from scpeft_cli.console import info, warn
+from scpeft_cli.data import orthologs
 from scpeft_cli.data.conditions import check_conditions
 from scpeft_cli.errors import UserError
 from scpeft_cli.tokenizers.base import COUNTS_LAYER, TOTALS_COLUMN
@@ -30,11 +33,12 @@ CONDITION_COLUMN = "scpeft_condition"  # the prepared copy of data.condition_key
 TOTALS_KEY = "n_counts"  # obs column of per-cell total counts (Geneformer's convention, scanpy's older one)
 # Recovered counts farther than this from an integer mean the totals do not belong to these values.
 RECOVERY_TOLERANCE = 0.25
+FILE_TOTALS = "scpeft_file_totals"  # transient obs column: count totals over the file's genes, before mapping
 
 
 def load_pbmc68k_reduced(
     *, label_key: str = "bulk_labels", min_cells_per_class: int = 0, n_top_genes: int | None = None,
-    batch_key: str | None = None,
+    batch_key: str | None = None, species: str | None = None, ortholog_table: str | None = None, one_to_many: str = "drop",
 ) -> anndata.AnnData:
     """The small PBMC dataset shipped inside scanpy: a demo that needs no download.
 
@@ -54,6 +58,9 @@ def load_pbmc68k_reduced(
         drop_unlabeled=False,
         n_top_genes=n_top_genes,
         batch_key=batch_key,
+        species=species,
+        ortholog_table=ortholog_table,
+        one_to_many=one_to_many,
     )
 
 
@@ -69,12 +76,16 @@ def read_h5ad(
     batch_key: str | None = None,
     condition_key: str | None = None,
     unknown_perturbations: str = "error",
+    species: str | None = None,
+    ortholog_table: str | None = None,
+    one_to_many: str = "drop",
 ) -> anndata.AnnData:
     """Read a user's .h5ad (never modified) and prepare it.
 
     ``gene_key`` names a ``var`` column with the gene identifiers (default: var_names);
     ``layer`` takes the matrix from ``layers[layer]``, or from ``.raw`` when it is "raw".
     """
+    orthologs.resolve(species=species, ortholog_table=ortholog_table, one_to_many=one_to_many)  # bad options fail before a large file is read
     file = Path(path).expanduser()
     if not file.is_file():
         raise UserError(f"data file not found: {file}; check data.path")
@@ -109,6 +120,9 @@ def read_h5ad(
         batch_key=batch_key,
         condition_key=condition_key,
         unknown_perturbations=unknown_perturbations,
+        species=species,
+        ortholog_table=ortholog_table,
+        one_to_many=one_to_many,
     )
 
 
@@ -144,6 +158,9 @@ def prepare(
     batch_key: str | None = None,
     condition_key: str | None = None,
     unknown_perturbations: str = "error",
+    species: str | None = None,
+    ortholog_table: str | None = None,
+    one_to_many: str = "drop",
 ) -> anndata.AnnData:
     """Validate, clean and log-normalise a matrix (cells x genes) into a new prepared AnnData.
 
@@ -152,7 +169,10 @@ def prepare(
     ``condition_key`` names perturbation conditions in GEARS notation, copied to ``obs["scpeft_condition"]``
     after gene selection; cells perturbing a gene outside the kept genes stop the run or are dropped
     (``unknown_perturbations``), since the model could not see such a perturbation.
+    ``species`` / ``ortholog_table`` / ``one_to_many`` map another species' genes onto human genes first
+    (``data/orthologs.py``), and the genes named in the conditions with them.
     """
+    table = orthologs.resolve(species=species, ortholog_table=ortholog_table, one_to_many=one_to_many)
     if label_key is not None and label_key not in obs.columns:
         raise UserError(
             f"label column '{label_key}' not in obs; available: {_names(obs.columns)}; set data.label_key to one of them"
@@ -167,7 +187,12 @@ def prepare(
     _check_values(matrix)
     genes = pd.Index(np.asarray(genes).astype(str))
     _check_genes(genes)
-    adata = anndata.AnnData(X=matrix, obs=obs.copy(), var=pd.DataFrame(index=genes))
+    obs = obs.copy()
+    mapped = None
+    if table is not None:
+        mapped = _map_genes(matrix, genes, table, obs)
+        matrix, genes = _to_csr_float32(mapped.matrix), mapped.genes
+    adata = anndata.AnnData(X=matrix, obs=obs, var=pd.DataFrame(index=genes))
     if not adata.obs_names.is_unique:
         warn(f"{int(adata.obs_names.duplicated().sum())} duplicated cell ids; making them unique")
         adata.obs_names_make_unique()
@@ -180,7 +205,7 @@ def prepare(
     if batch_key is not None:
         adata.obs[BATCH_COLUMN] = pd.Categorical(adata.obs[batch_key].astype(str))
 
-    input_kind = "counts" if np.all(adata.X.data == np.round(adata.X.data)) else "log_normalized"
+    input_kind = "counts" if _is_counts(adata.X) else "log_normalized"
     counts_kept = _keep_counts(adata, input_kind)
     if input_kind == "counts":
         sc.pp.normalize_total(adata, target_sum=TARGET_SUM)
@@ -189,9 +214,12 @@ def prepare(
     if n_top_genes is not None:
         adata = _select_highly_variable(adata, n_top_genes)
     if condition_key is not None:
-        keep = check_conditions(adata.obs[condition_key].to_numpy(), adata.var_names, unknown=unknown_perturbations, key=condition_key)
+        conditions = adata.obs[condition_key].to_numpy(dtype=object)
+        if mapped is not None:
+            conditions = np.array([_rename_perturbed(c, mapped.renamed) for c in conditions], dtype=object)
+        keep = check_conditions(conditions, adata.var_names, unknown=unknown_perturbations, key=condition_key)
         adata = adata if keep.all() else adata[keep].copy()
-        adata.obs[CONDITION_COLUMN] = adata.obs[condition_key].astype(str).str.strip().to_numpy()
+        adata.obs[CONDITION_COLUMN] = pd.Series(conditions[keep]).astype(str).str.strip().to_numpy()
 
     adata.uns["scpeft_input"] = {
         "source": source,
@@ -204,6 +232,8 @@ def prepare(
         "n_cells": int(adata.n_obs),
         "n_genes": int(adata.n_vars),
     }
+    if mapped is not None:
+        adata.uns["scpeft_input"]["gene_mapping"] = mapped.record
     classes = f", {len(adata.obs['label'].cat.categories)} classes" if label_key is not None else ""
     info(f"Data ({path or source}): {adata.n_obs} cells, {adata.n_vars} genes{classes}, input: {input_kind}")
     return adata
@@ -213,6 +243,7 @@ def _keep_counts(adata: anndata.AnnData, input_kind: str) -> str | None:
     """Raw counts into ``layers["counts"]`` and per-cell totals into ``obs["scpeft_total_counts"]``, before
     any gene selection; returns how the counts were obtained ("given" | "recovered"), None if unknown."""
     given_totals = None
+    file_totals = adata.obs.pop(FILE_TOTALS).to_numpy(dtype=np.float64) if FILE_TOTALS in adata.obs.columns else None
     if TOTALS_KEY in adata.obs.columns:
         given_totals = pd.to_numeric(adata.obs[TOTALS_KEY], errors="coerce").to_numpy(dtype=np.float64)
         if not np.all(np.isfinite(given_totals) & (given_totals > 0)):
@@ -220,7 +251,8 @@ def _keep_counts(adata: anndata.AnnData, input_kind: str) -> str | None:
             given_totals = None
     if input_kind == "counts":
         counts = adata.X.copy()
-        totals = given_totals if given_totals is not None else np.asarray(counts.sum(axis=1)).ravel().astype(np.float64)
+        own = file_totals if file_totals is not None else np.asarray(counts.sum(axis=1)).ravel().astype(np.float64)
+        totals = given_totals if given_totals is not None else own
         how = "given"
     elif given_totals is not None:
         counts = adata.X.copy()
@@ -237,6 +269,28 @@ def _keep_counts(adata: anndata.AnnData, input_kind: str) -> str | None:
     adata.layers[COUNTS_LAYER] = counts
     adata.obs[TOTALS_COLUMN] = totals
     return how
+
+
+def _map_genes(matrix: sp.csr_matrix, genes: pd.Index, table: orthologs.OrthologTable, obs: pd.DataFrame) -> orthologs.MappedGenes:
+    """Genes onto human genes; count data keeps its totals over all of the file's genes (the cell's depth) in
+    ``obs[FILE_TOTALS]``, for ``_keep_counts``."""
+    counts = _is_counts(matrix)
+    mapped = orthologs.map_genes(matrix, genes, table, log_normalized=not counts)
+    info(orthologs.describe(mapped.record))
+    if counts:
+        obs[FILE_TOTALS] = np.asarray(matrix.sum(axis=1, dtype=np.float64)).ravel()
+    return mapped
+
+
+def _rename_perturbed(condition: object, renamed: dict[str, str]) -> object:
+    """A condition in the data's own gene names, in the mapped ones (mouse ``Cd3e+ctrl`` -> ``CD3E+ctrl``)."""
+    if not isinstance(condition, str):
+        return condition
+    return "+".join(renamed.get(part.strip(), part.strip()) for part in condition.split("+"))
+
+
+def _is_counts(matrix: sp.csr_matrix) -> bool:
+    return bool(np.all(matrix.data == np.round(matrix.data)))
 
 
 def _check_batch_column(obs: pd.DataFrame, batch_key: str) -> None:

@@ -121,12 +121,13 @@ def write_simulated_h5ad(
 def load_pbmc68k_batches(
     *, n_batches: int = 3, simulation_seed: int = 0, strength: float = 0.8, depth_strength: float = 0.3,
     label_key: str | None = "bulk_labels", batch_key: str | None = "batch", min_cells_per_class: int = 0,
-    n_top_genes: int | None = None,
+    n_top_genes: int | None = None, species: str | None = None, ortholog_table: str | None = None, one_to_many: str = "drop",
 ) -> anndata.AnnData:
     """The simulated data, prepared as any dataset (`data.loading.prepare`): the `data=pbmc68k_batches` option."""
     simulated = simulate_batches(n_batches, seed=simulation_seed, strength=strength, depth_strength=depth_strength)
     return prepare(
         simulated.X, obs=simulated.obs, genes=simulated.var_names, source="pbmc68k_batches (simulated)", path=None,
         label_key=label_key, gene_key=None, layer=None, min_cells_per_class=min_cells_per_class, drop_unlabeled=False,
-        n_top_genes=n_top_genes, batch_key=batch_key,
+        n_top_genes=n_top_genes, batch_key=batch_key, species=species, ortholog_table=ortholog_table,
+        one_to_many=one_to_many,
     )

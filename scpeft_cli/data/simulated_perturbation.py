@@ -166,6 +166,7 @@ def load_simulated_perturbseq(
     n_top_genes: int | None = None,
     simulation_seed: int = 0, n_genes: int = 200, n_control: int = 300, n_single: int = 24, n_double: int = 8,
     cells_per_condition: int = 20, program_size: int = 15, knockdown: float = 0.1, effect: float = 1.0,
+    species: str | None = None, ortholog_table: str | None = None, one_to_many: str = "drop",
 ) -> anndata.AnnData:
     """The simulated screen, prepared as any dataset (`data.loading.prepare`), with the condition of every cell in
     ``obs["scpeft_condition"]`` and the simulation truth kept in uns for ``true_condition_means``."""
@@ -178,6 +179,7 @@ def load_simulated_perturbseq(
         simulated.X, obs=simulated.obs, genes=simulated.var_names, source="simulated_perturbseq", path=None,
         label_key=label_key, gene_key=None, layer=None, min_cells_per_class=0, drop_unlabeled=False,
         n_top_genes=n_top_genes, condition_key=condition_key, unknown_perturbations=unknown_perturbations,
+        species=species, ortholog_table=ortholog_table, one_to_many=one_to_many,
     )
     adata.uns[UNS_KEY] = simulated.uns[UNS_KEY]
     return adata

@@ -172,6 +172,8 @@ def run_task(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     if outcome.get("baselines") is not None:
         metrics["baselines"] = outcome["baselines"]
     artifacts.write_csv(run_dir / "metrics.csv", pd.DataFrame([_flatten(metrics)]))
+    if (gene_mapping := data.adata.uns.get("scpeft_input", {}).get("gene_mapping")) is not None:
+        metrics["gene_mapping"] = gene_mapping  # a nested record: metrics.json only, not a metrics.csv column
     artifacts.write_json(run_dir / "metrics.json", metrics)
     shutil.rmtree((run_dir / CHECKPOINT_FILE).parent)  # the run is complete: adapter/ holds the best model
     _print_summary(task, metrics, run_dir)
