@@ -108,3 +108,15 @@ def test_report_aggregates_discovery_runs_with_their_baselines(finished, tmp_pat
     summary = pd.read_csv(tmp_path / "summary.csv")
     assert {"baseline: zero_shot", "baseline: pca"} <= set(summary["configuration"]), summary["configuration"].tolist()
     assert "nmi_mean" in summary.columns
+
+
+def test_extra_genes_are_kept_beside_the_most_variable(tmp_path):
+    from scpeft_cli.data.loading import load_pbmc68k_reduced
+
+    hvg = load_pbmc68k_reduced(n_top_genes=100)
+    others = [g for g in load_pbmc68k_reduced().var_names if g not in set(hvg.var_names)][:7]
+    (tmp_path / "tfs.txt").write_text("\n".join([*others, "NOT_A_GENE"]) + "\n")
+    cells = load_pbmc68k_reduced(n_top_genes=100, extra_genes=str(tmp_path / "tfs.txt"))
+    assert set(cells.var_names) == set(hvg.var_names) | set(others) and cells.n_vars == 107
+    with pytest.raises(UserError, match="gene list not found"):
+        load_pbmc68k_reduced(n_top_genes=100, extra_genes=str(tmp_path / "missing.txt"))

@@ -13,6 +13,7 @@ each tokenizer takes the matrix it needs (``tokenizers.base.tokenizer_input``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import anndata
@@ -39,6 +40,7 @@ FILE_TOTALS = "scpeft_file_totals"  # transient obs column: count totals over th
 def load_pbmc68k_reduced(
     *, label_key: str = "bulk_labels", min_cells_per_class: int = 0, n_top_genes: int | None = None,
     batch_key: str | None = None, species: str | None = None, ortholog_table: str | None = None, one_to_many: str = "drop",
+    extra_genes: str | None = None,
 ) -> anndata.AnnData:
     """The small PBMC dataset shipped inside scanpy: a demo that needs no download.
 
@@ -61,6 +63,7 @@ def load_pbmc68k_reduced(
         species=species,
         ortholog_table=ortholog_table,
         one_to_many=one_to_many,
+        extra_genes=extra_genes,
     )
 
 
@@ -79,6 +82,7 @@ def read_h5ad(
     species: str | None = None,
     ortholog_table: str | None = None,
     one_to_many: str = "drop",
+    extra_genes: str | None = None,
 ) -> anndata.AnnData:
     """Read a user's .h5ad (never modified) and prepare it.
 
@@ -123,6 +127,7 @@ def read_h5ad(
         species=species,
         ortholog_table=ortholog_table,
         one_to_many=one_to_many,
+        extra_genes=extra_genes,
     )
 
 
@@ -161,6 +166,7 @@ def prepare(
     species: str | None = None,
     ortholog_table: str | None = None,
     one_to_many: str = "drop",
+    extra_genes: str | None = None,
 ) -> anndata.AnnData:
     """Validate, clean and log-normalise a matrix (cells x genes) into a new prepared AnnData.
 
@@ -212,7 +218,7 @@ def prepare(
         sc.pp.log1p(adata)
         adata.X = _to_csr_float32(adata.X)
     if n_top_genes is not None:
-        adata = _select_highly_variable(adata, n_top_genes)
+        adata = _select_highly_variable(adata, n_top_genes, extra=_read_gene_list(extra_genes) if extra_genes else ())
     if condition_key is not None:
         conditions = adata.obs[condition_key].to_numpy(dtype=object)
         if mapped is not None:
@@ -301,15 +307,34 @@ def _check_batch_column(obs: pd.DataFrame, batch_key: str) -> None:
         raise UserError(f"{missing} cells have no value in the batch column '{batch_key}'; give every cell a batch")
 
 
-def _select_highly_variable(adata: anndata.AnnData, n_top_genes: int) -> anndata.AnnData:
-    """Keep the most variable genes of the log-normalised data (scanpy's seurat flavour), as the paper did."""
+def _select_highly_variable(adata: anndata.AnnData, n_top_genes: int, *, extra: Sequence[str] = ()) -> anndata.AnnData:
+    """Keep the most variable genes of the log-normalised data (scanpy's seurat flavour), as the paper did,
+    and the data's genes among `extra` (scPEFT's discovery tutorial appends transcription factors)."""
     if n_top_genes < 1:
         raise UserError(f"data.n_top_genes must be >= 1 (or null for all genes), got {n_top_genes}")
     if n_top_genes >= adata.n_vars:
         return adata
     sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes, flavor="seurat")
-    info(f"keeping the {n_top_genes} most variable of {adata.n_vars} genes")
-    return adata[:, adata.var["highly_variable"].to_numpy()].copy()
+    keep = adata.var["highly_variable"].to_numpy()
+    message = f"keeping the {n_top_genes} most variable of {adata.n_vars} genes"
+    if len(extra):
+        listed = adata.var_names.isin(list(extra))
+        message += f", plus {int((listed & ~keep).sum())} more of the {len(extra)} genes of data.extra_genes ({int(listed.sum())} in the data)"
+        keep = keep | listed
+    info(message)
+    return adata[:, keep].copy()
+
+
+def _read_gene_list(path: str) -> list[str]:
+    """Gene names, one per line (a CSV's first column; a header line that is no gene is harmless)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"gene list not found: {file}; set data.extra_genes to a text file with one gene per line")
+    genes = [line.split(",")[0].strip() for line in file.read_text().splitlines()]
+    genes = [g for g in genes if g]
+    if not genes:
+        raise UserError(f"the gene list {file} is empty; give one gene per line")
+    return genes
 
 
 def _to_csr_float32(matrix: object) -> sp.csr_matrix:
