@@ -19,9 +19,10 @@ COMMANDS = {
     "embed": "cell embeddings into obsm['X_scpeft']",
     "inspect": "preflight checks on a dataset",
     "report": "aggregate run dirs into summary tables",
+    "markers": "marker genes per cell state from a run's attention",
 }
 
-CONFIG_NAMES = {"train": "train", "describe": "train", "inspect": "train", "predict": "predict", "embed": "embed"}
+CONFIG_NAMES = {"train": "train", "describe": "train", "inspect": "train", "predict": "predict", "embed": "embed", "markers": "markers"}
 HYDRA_COMMANDS = set(CONFIG_NAMES)
 USAGE = "usage: scpeft [--debug] COMMAND [hydra overrides...]\n\ncommands:\n" + "\n".join(
     f"  {name:<9} {text}" for name, text in COMMANDS.items()
