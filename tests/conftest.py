@@ -94,3 +94,19 @@ def _run_in_process(args: list[str], cwd: Path | None) -> subprocess.CompletedPr
         os.environ.update(saved_env)
         GlobalHydra.instance().clear()
     return subprocess.CompletedProcess(["scpeft", *args], code, out.getvalue(), err.getvalue())
+
+
+def train_task_steps(model, objective, batch, *, steps: int = 2):
+    """`steps` AdamW steps of a task's objective on one batch, as the trainer takes them. Returns the last
+    loss, its terms, and the frozen tensors as they were before (to check that none moved)."""
+    import torch
+
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss, terms = objective(model, batch)
+        loss.backward()
+        optimizer.step()
+    return loss, terms, frozen

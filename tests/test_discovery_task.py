@@ -17,7 +17,7 @@ from scpeft_cli.instantiate import instantiate
 from scpeft_cli.tasks.discovery.clustering import cluster_embedding
 from scpeft_cli.tasks.integration.metrics import ari, nmi
 from scpeft_cli.tokenizers.cache import tokenize_cells
-from tests.conftest import run_cli
+from tests.conftest import run_cli, train_task_steps
 from tests.test_strategies import BACKBONES, CELLS, STRATEGIES
 
 
@@ -28,14 +28,7 @@ def test_the_discovery_objective_trains_the_strategy_and_the_decoders_only(compo
     tokens = tokenize_cells(parts.backbone.tokenizer, CELLS, seed=0)
     batch = parts.backbone.tokenizer.collate([tokens.cell(i) for i in range(len(tokens))])
     model, task = parts.model, parts.task
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(2):
-        optimizer.zero_grad()
-        loss, terms = task.objective(None, None)(model, batch)
-        loss.backward()
-        optimizer.step()
+    loss, terms, frozen = train_task_steps(model, task.objective(None, None), batch)
     assert set(terms) == {"gep", "mvc", "ecs"} and torch.isfinite(loss)
     assert {n.split(".")[1] for n, p in model.named_parameters() if n.startswith("head.") and p.requires_grad} == {"decoder", "mvc_decoder"}
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)

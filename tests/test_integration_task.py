@@ -22,7 +22,7 @@ from scpeft_cli.instantiate import instantiate
 from scpeft_cli.peft.persistence import save_adapter
 from scpeft_cli.tasks.integration.heads import BATCH_IDS
 from scpeft_cli.tokenizers.cache import tokenize_cells
-from tests.conftest import run_cli
+from tests.conftest import run_cli, train_task_steps
 from tests.test_resume import comparable, start_and_interrupt
 from tests.test_scgpt_checkpoint import D_MODEL, make_state_dict, write_checkpoint
 from tests.test_strategies import BACKBONES, CELLS, STRATEGIES
@@ -57,14 +57,7 @@ def test_the_integration_objective_trains_exactly_the_strategy_and_heads(compose
     batch, model = _batch(parts), parts.model
     assert parts.backbone.tokenizer.include_zero_genes and parts.backbone.tokenizer.max_seq_len == 1201
     assert batch["gene_ids"].shape[1] == 1 + len(GENES_IN_CELLS), "zero-expressed genes are tokens too"
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(2):
-        optimizer.zero_grad()
-        loss, terms = _loss(parts.task, model, batch)
-        loss.backward()
-        optimizer.step()
+    loss, terms, frozen = train_task_steps(model, parts.task.objective(None, None), batch)
     assert set(terms) == {"gep", "mvc", "ecs", "dab"} and torch.isfinite(loss)
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not [n for n in no_grad if n != "backbone.encoder.embedding.weight" or case != "full"], no_grad

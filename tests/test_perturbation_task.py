@@ -19,7 +19,7 @@ from scpeft_cli.instantiate import instantiate
 from scpeft_cli.tasks.perturbation.heads import CONDITION_IDS, FLAG_NONE, FLAG_PERTURBED, TARGET_CELLS
 from scpeft_cli.tokenizers.cache import tokenize_cells
 from scpeft_cli.training.loaders import CellTokens, make_loader
-from tests.conftest import run_cli
+from tests.conftest import run_cli, train_task_steps
 from tests.test_strategies import BACKBONES, STRATEGIES
 
 SIZES = {"n_genes": 60, "n_control": 40, "n_single": 12, "n_double": 6, "cells_per_condition": 6}
@@ -53,14 +53,7 @@ def test_the_perturbation_objective_trains_exactly_the_strategy_and_the_head(com
     assert tokenizer.include_zero_genes and tokenizer.max_seq_len is None  # the backbone's gene_values options
     batch, model = _batch(parts, data, tokens, data.index["train"][:12]), parts.model
     assert batch["gene_ids"].shape[1] == SPECIAL_TOKENS[backbone] + SIZES["n_genes"], "every gene is a token, zeros included"
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(2):
-        optimizer.zero_grad()
-        loss, terms = task.objective(data, None)(model, batch)
-        loss.backward()
-        optimizer.step()
+    loss, terms, frozen = train_task_steps(model, task.objective(data, None), batch)
     assert set(terms) == {"mse"} and torch.isfinite(loss)
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not [n for n in no_grad if n != "backbone.encoder.embedding.weight" or case != "full"], no_grad
