@@ -15,7 +15,8 @@ from tests.conftest import run_cli
 
 # 3 epochs of ~90 small steps: long enough to be killed inside epoch 2.
 RUN = ["backbone=scgpt_small", "backbone.d_model=32", "backbone.n_layers=1", "trainer.max_epochs=3",
-       "trainer.patience=null", "trainer.batch_size=8", "evaluation.umap=false", "evaluation.silhouette=false"]
+       "trainer.patience=null", "trainer.batch_size=8", "evaluation.umap=false", "evaluation.silhouette=false",
+       "evaluation.baselines=false"]
 VARYING = {"train_seconds", "cells_per_second", "peak_memory_mb"}
 
 
