@@ -22,10 +22,10 @@ demo: env
 	$(BIN)/scpeft train
 
 test: env
-	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/python -m pytest -n 2 --dist loadscope -q
 
 test-all: env
-	$(BIN)/python -m pytest -n 2 -q -m ""
+	$(BIN)/python -m pytest -n 2 --dist loadscope -q -m ""
 
 # A CI benchmark gate: a small sweep, then `scpeft report --require` fails the build on a regression.
 CI_SWEEP := outputs/ci-benchmark
