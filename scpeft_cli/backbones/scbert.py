@@ -26,6 +26,7 @@ from scpeft_cli.backbones.base import (
 )
 from scpeft_cli.backbones.favor import FavorKernel
 from scpeft_cli.backbones.layers import TransformerLayer
+from scpeft_cli.backbones.official import checked_folder, rename_layer_keys
 from scpeft_cli.console import info
 from scpeft_cli.errors import UserError
 from scpeft_cli.tokenizers.scbert import PANEL_FILE, ScBERTTokenizer, read_panel_h5ad
@@ -34,6 +35,7 @@ WEIGHTS_FILE = "panglao_pretrain.pth"
 PANEL_FILES = ("panglao_10000.h5ad", "panglao_human.h5ad")
 IGNORED = ("to_out.", "performer.calls_since_last_redraw")  # the MLM head; the redraw counter (never redrawn)
 _LAYER = re.compile(r"^performer\.net\.layers\.(\d+)\.(.+)$")
+_QKV_KEY = re.compile(r"layers\.(\d+)\.0\.fn\.to_([qkv])\.weight")  # a projection after renaming, fused on load
 _LAYER_KEYS = {
     "0.norm.weight": "norm1.weight", "0.norm.bias": "norm1.bias",
     "0.fn.to_out.weight": "self_attn.out_proj.weight", "0.fn.to_out.bias": "self_attn.out_proj.bias",
@@ -126,23 +128,17 @@ class ScBERT(Backbone):
 
 
 def convert_scbert_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Official keys -> ours: to_q/to_k/to_v fused into qkv rows [q; k; v]; float64 tables cast to float32."""
-    converted, ignored, qkv = {}, [], {}
-    for key, tensor in state.items():
-        if key.startswith(IGNORED):
-            ignored.append(key)
-            continue
+    """Official keys -> ours (`rename_layer_keys`), then to_q/to_k/to_v fused into qkv rows [q; k; v] and
+    float64 tables cast to float32."""
+    renamed, ignored = rename_layer_keys(state, layer_key=_LAYER, layer_names=_LAYER_KEYS, ignored_prefixes=IGNORED)
+    converted, qkv = {}, {}
+    for key, tensor in renamed.items():
         tensor = tensor.float() if tensor.is_floating_point() else tensor
-        match = _LAYER.match(key)
-        if match is None:
-            converted[key] = tensor
-            continue
-        index, rest = match.groups()
-        role = re.fullmatch(r"0\.fn\.to_([qkv])\.weight", rest)
+        role = _QKV_KEY.fullmatch(key)
         if role:
-            qkv.setdefault(index, {})[role.group(1)] = tensor
+            qkv.setdefault(role.group(1), {})[role.group(2)] = tensor
         else:
-            converted[f"layers.{index}.{_LAYER_KEYS.get(rest, rest)}"] = tensor
+            converted[key] = tensor
     for index, parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
             raise UserError(f"scBERT layer {index} lacks to_{', to_'.join(sorted({'q', 'k', 'v'} - set(parts)))}.weight")
@@ -198,9 +194,7 @@ def build_scbert(
     """scBERT from `checkpoint` (DIR with panglao_pretrain.pth and the gene panel) or randomly initialised
     with `seed` over the data's genes (the contract in `backbones/base.py`). `n_genes`: the panel size of a
     random model built without data (`describe` at the release's 16,906 genes; placeholder gene names)."""
-    folder = Path(checkpoint).expanduser() if checkpoint else None
-    if folder is not None and not (folder / WEIGHTS_FILE).is_file():
-        raise UserError(f"scBERT checkpoint folder {folder} lacks {WEIGHTS_FILE}; set backbone.checkpoint to the folder holding it")
+    folder = checked_folder(checkpoint, (WEIGHTS_FILE,), family="scBERT") if checkpoint else None
     if vocab_only:
         return ScBERTTokenizer(panel=_panel(folder), n_bins=n_bins).vocab if folder else None
     if folder is not None:
