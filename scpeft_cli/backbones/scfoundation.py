@@ -285,7 +285,6 @@ def build_scfoundation(
     `attention_dropout` None: `dropout`."""
     if vocab_only:
         return PanelVocab(read_panel_tsv(_checked_folder(checkpoint) / PANEL_TSV)) if checkpoint else None
-    heads: dict[str, dict[str, torch.Tensor]] = {}
     if checkpoint:
         folder = _checked_folder(checkpoint)
         panel = read_panel_tsv(folder / PANEL_TSV)
@@ -332,6 +331,4 @@ def build_scfoundation(
         panel=panel, target_depth=target_depth, max_seq_len=max_seq_len, pad_value=pad_value
     )
     source = str(Path(checkpoint).expanduser().resolve()) if checkpoint else None
-    return LoadedBackbone(
-        name=name, model=model, tokenizer=tokenizer, pretrained=bool(checkpoint), checkpoint=source, heads=heads
-    )
+    return LoadedBackbone(name=name, model=model, tokenizer=tokenizer, pretrained=bool(checkpoint), checkpoint=source)
