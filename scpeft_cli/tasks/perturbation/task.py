@@ -42,20 +42,22 @@ PREDICTOR = "scpeft"  # the model's rows in per_condition.csv, beside the baseli
 @dataclass
 class _Screen:
     """The perturbation data behind the examples: every cell (targets are rows of its matrix), the split,
-    the control mean and each condition's top DE genes."""
+    each condition's true mean (what its prediction is scored against, computed once) and top DE genes."""
 
     cells: Any
     split: Any
-    conditions: list[str]
-    control_mean: np.ndarray
+    means: dict[str, np.ndarray]
     de: dict[str, np.ndarray]
+
+    @property
+    def control_mean(self) -> np.ndarray:
+        return self.means[CONTROL]
 
     def truth(self, rows: np.ndarray) -> np.ndarray:
         return np.asarray(self.cells.X[rows].todense(), dtype=np.float32)
 
     def condition_means(self, names) -> dict[str, np.ndarray]:
-        conditions = self.cells.obs[CONDITION_COLUMN].to_numpy()
-        return {c: np.asarray(self.cells.X[conditions == c].mean(axis=0)).ravel() for c in names}
+        return {c: self.means[c] for c in names}
 
 
 @dataclass
@@ -96,10 +98,11 @@ class PerturbationTask(Task):
         conditions = sorted(set(cells.obs[CONDITION_COLUMN]))
         code = {name: i for i, name in enumerate(conditions)}
         info(f"finding the top {self.n_de_genes} DE genes of each condition vs control (scanpy rank_genes_groups, as GEARS)")
-        is_control = cells.obs[CONDITION_COLUMN].to_numpy() == CONTROL
+        labels = cells.obs[CONDITION_COLUMN].to_numpy()
+        is_control = labels == CONTROL
         self._screen = _Screen(
-            cells=cells, split=split, conditions=conditions,
-            control_mean=np.asarray(cells.X[is_control].mean(axis=0)).ravel(),
+            cells=cells, split=split,
+            means={c: np.asarray(cells.X[labels == c].mean(axis=0)).ravel() for c in conditions},
             de=top_de_genes(cells, condition_column=CONDITION_COLUMN, control=CONTROL, n_genes=self.n_de_genes),
         )  # fmt: skip
         targets = {
