@@ -12,13 +12,12 @@ from sklearn.preprocessing import normalize
 from scpeft_cli.apply import (
     check_output_path,
     overlap_summary,
-    restrict_to_training_genes,
     run_model,
     write_annotated_copy,
 )
 from scpeft_cli.assembly import build_backbone, load_trained
 from scpeft_cli.commands.guard import guarded
-from scpeft_cli.commands.predict import data_config_of_run, finished_run
+from scpeft_cli.commands.predict import cells_for_run, finished_run
 from scpeft_cli.console import console, warn
 from scpeft_cli.instantiate import instantiate
 from scpeft_cli.paths import config_dir
@@ -41,9 +40,8 @@ def embed(cfg: DictConfig, _run_dir: Path) -> None:
     output = check_output_path(input_path=cfg.data.path, output=cfg.output, overwrite=cfg.overwrite)
     if cfg.run:
         run_dir = finished_run(cfg.run)
-        adapter_dir = run_dir / "adapter"
-        cells = restrict_to_training_genes(instantiate(data_config_of_run(cfg.data, run_dir)), adapter_dir)
-        parts, saved = load_trained(adapter_dir)
+        cells = cells_for_run(cfg.data, run_dir)
+        parts, saved = load_trained(run_dir / "adapter")
         backbone, module, seed, source = parts.backbone, parts.model, saved["seed"], f"run {cfg.run} ({saved.get('peft_option', parts.strategy.name)})"
         inputs = parts.task.inputs(cells, saved)  # e.g. the batches of an integration run's DSBN
         forward = lambda batch: {"x": module.embed(batch)}  # noqa: E731

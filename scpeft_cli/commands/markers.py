@@ -13,15 +13,14 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from scpeft_cli import artifacts
-from scpeft_cli.apply import overlap_summary, restrict_to_training_genes
+from scpeft_cli.apply import overlap_summary
 from scpeft_cli.assembly import load_trained
 from scpeft_cli.backbones.base import LoadedBackbone
 from scpeft_cli.backbones.scgpt import ScGPT
 from scpeft_cli.commands.guard import guarded
-from scpeft_cli.commands.predict import data_config_of_run, finished_run
+from scpeft_cli.commands.predict import cells_for_run, finished_run
 from scpeft_cli.console import console, info, warn
 from scpeft_cli.errors import UserError
-from scpeft_cli.instantiate import instantiate
 from scpeft_cli.markers import outputs
 from scpeft_cli.markers.capture import attention_of
 from scpeft_cli.markers.scoring import check_background, contrast, state_sums, top_genes
@@ -50,13 +49,13 @@ class MarkerSettings:
 
 def cells_config(data: DictConfig, run_dir: Path) -> DictConfig:
     """The run's own data (its config.yaml) unless data.path or another data group is given; the states are
-    data.label_key when given, else the run's labels."""
+    data.label_key when given, else the run's labels. (`cells_for_run` then maps genes as the run did.)"""
     saved = run_dir / "config.yaml"
     trained = OmegaConf.load(saved).get("data") if saved.is_file() else None
     own = data.get("_target_") == NEW_DATA_TARGET and data.get("path") is None
     if own and trained is None:
         raise UserError(f"{run_dir} has no config.yaml recording its data; give the cells with data.path=IN.h5ad data.label_key=COLUMN")
-    chosen = trained if own else data_config_of_run(data, run_dir)
+    chosen = trained if own else data
     label_key = data.get("label_key") or (trained or {}).get("label_key")
     return OmegaConf.merge(chosen, {"label_key": label_key})
 
@@ -101,7 +100,7 @@ def markers(cfg: DictConfig, run_dir: Path) -> pd.DataFrame:
     data = cells_config(cfg.data, source)
     if data.get("label_key") is None:
         raise UserError("no cell states: neither the run's data nor data.label_key names a label column; set data.label_key=COLUMN")
-    cells = restrict_to_training_genes(instantiate(data), source / "adapter")
+    cells = cells_for_run(data, source)
     labels = cells.obs["label"].cat.remove_unused_categories()
     states = [str(s) for s in labels.cat.categories]
     check_background(settings.background, states)

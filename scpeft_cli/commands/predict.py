@@ -62,6 +62,12 @@ def data_config_of_run(data: DictConfig, run_dir: Path) -> DictConfig:
     return OmegaConf.merge(data, mapping)
 
 
+def cells_for_run(data: DictConfig, run_dir: Path):
+    """New cells read as the run read its own: genes mapped as it mapped them (`data_config_of_run`),
+    then restricted to its training genes."""
+    return restrict_to_training_genes(instantiate(data_config_of_run(data, run_dir)), run_dir / "adapter")
+
+
 def predict(cfg: DictConfig, _run_dir: Path) -> None:
     run_dir = finished_run(cfg.run)
     output = check_output_path(input_path=cfg.data.path, output=cfg.output, overwrite=cfg.overwrite)
@@ -70,7 +76,7 @@ def predict(cfg: DictConfig, _run_dir: Path) -> None:
         raise UserError(f"{run_dir} is a {parts.task.name} run, which predicts no labels; `scpeft embed run={run_dir}` gives its cell embeddings")
     if not saved["pretrained"]:
         warn("this run's backbone was RANDOMLY INITIALISED: its predictions are not those of a pretrained model")
-    cells = restrict_to_training_genes(instantiate(data_config_of_run(cfg.data, run_dir)), run_dir / "adapter")
+    cells = cells_for_run(cfg.data, run_dir)
     tokens = tokenize_cells(parts.backbone.tokenizer, cells, seed=saved["seed"])
     model = parts.model
     out = run_model(model, lambda batch: dict(zip(("logits", "embeddings"), model(batch), strict=True)), tokens, parts.backbone.tokenizer.collate, cfg=cfg)
