@@ -95,6 +95,12 @@ class Backbone(nn.Module, ABC):
     def cell_embedding(self, states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """One vector per cell (batch, cell_embedding_dim) from `forward`'s token states."""
 
+    def pooling_weights(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(batch, length) weights, summing to 1 per cell and 0 at padding, of the positions whose states
+        `cell_embedding` reads: the query `scpeft markers` reads attention from (q.k is linear in q, so a
+        pooled query's scores are the same weighted mean of those rows' scores)."""
+        raise UserError(f"{self.family} does not say which positions its cell embedding reads (Backbone.pooling_weights)")
+
     @property
     def sequence_length(self) -> int | None:
         """The number of positions of every cell when it is fixed (scBERT: panel + 1); None when it varies."""
@@ -142,6 +148,18 @@ class Backbone(nn.Module, ABC):
             recompute_frozen_qkv = False  # the default asks for it where offered; nothing is promised otherwise
         self.gradient_checkpointing = grad_checkpointing
         self.recompute_frozen_qkv = recompute_frozen_qkv
+
+
+def first_position_weights(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`pooling_weights` of a family whose cell embedding is the first (`<cls>`) state."""
+    weights = torch.zeros(batch["padding_mask"].shape, dtype=torch.float32, device=batch["padding_mask"].device)
+    weights[:, 0] = 1.0
+    return weights
+
+
+def normalised_weights(weights: torch.Tensor) -> torch.Tensor:
+    """Each row of (batch, length) weights divided by its sum (rows of zeros stay zeros)."""
+    return weights / weights.sum(dim=1, keepdim=True).clamp(min=1e-12)
 
 
 def random_backbone(name: str, seed: int, build: Callable[[], Backbone]) -> Backbone:

@@ -36,6 +36,7 @@ from scpeft_cli.backbones.base import (
     LoadedBackbone,
     load_state_dict_exactly,
     load_torch_file,
+    normalised_weights,
     random_backbone,
     random_panel,
 )
@@ -173,14 +174,24 @@ class ScFoundation(Backbone):
         """The layers' output through the final LayerNorm (`encoder.norm`), as upstream's encoder returns."""
         return self.encoder.norm(super().forward(batch, transform_embeddings=transform_embeddings))
 
-    def cell_embedding(self, states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """concat(S, T, max over genes, mean over genes); zeros where a cell lacks S or genes."""
-        gene_ids, padding = batch["gene_ids"], batch["padding_mask"]
-        states = states[:, -gene_ids.shape[1] :]  # any leading prompt positions are not tokens of the cell
-        real = ~padding
+    def _token_kinds(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(is_s, is_t, is_gene) over the cell's positions, False at padding; T and S found by position id."""
+        gene_ids, real = batch["gene_ids"], ~batch["padding_mask"]
         is_t = real & (gene_ids == self.t_position)
         is_s = real & (gene_ids == self.s_position)
-        is_gene = (real & ~is_t & ~is_s).unsqueeze(-1)
+        return is_s, is_t, real & ~is_t & ~is_s
+
+    def pooling_weights(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """S and T a quarter each, the genes half (the max slot counted as a mean: no single query gives a
+        maximum); a cell without S shares its quarter."""
+        is_s, is_t, is_gene = self._token_kinds(batch)
+        return normalised_weights(0.25 * is_t + 0.25 * is_s + 0.5 * normalised_weights(is_gene.float()))
+
+    def cell_embedding(self, states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """concat(S, T, max over genes, mean over genes); zeros where a cell lacks S or genes."""
+        states = states[:, -batch["gene_ids"].shape[1] :]  # any leading prompt positions are not tokens of the cell
+        is_s, is_t, is_gene = self._token_kinds(batch)
+        is_gene = is_gene.unsqueeze(-1)
         s_state = (states * is_s.unsqueeze(-1)).sum(1)
         t_state = (states * is_t.unsqueeze(-1)).sum(1)
         n_genes = is_gene.sum(1)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from scpeft_cli.backbones.base import LAYER_FEATURES, Backbone
+from scpeft_cli.backbones.base import LAYER_FEATURES, Backbone, first_position_weights
 from scpeft_cli.backbones.dropout import Dropout
 from scpeft_cli.backbones.layers import TransformerLayer
 
@@ -105,6 +105,9 @@ class ScGPT(Backbone):
 
     def cell_embedding(self, states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return states[:, 0]
+
+    def pooling_weights(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return first_position_weights(batch)
 
     def gene_embedding(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The gene-id embedding after its LayerNorm: what scGPT's MVC decoder queries."""

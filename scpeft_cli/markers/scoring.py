@@ -5,7 +5,7 @@ each row's order, and only ranks are used):
 1. rows: each query row's scores over the cell's keys are replaced by their ranks, divided by M (the
    number of the cell's tokens);
 2. columns: each entry of that matrix is replaced by its rank within its column (over the M query rows);
-3. the reader's row (`pooling`: the `<cls>` row) over the gene columns, averaged over heads.
+3. the reader's row (`Backbone.pooling_weights`: the `<cls>` row on scGPT) over the gene columns, averaged over heads.
 Only the reader's row of step 2 is needed: its entry in column j is the number of query rows whose step-1
 rank of key j is below the reader's, divided by M. Ties are broken by position (stable sorts), so scores
 are deterministic (upstream's unstable argsort breaks them arbitrarily). Padding is neither a row nor a
@@ -25,7 +25,6 @@ from scpeft_cli.assembly import Assembly
 from scpeft_cli.console import console
 from scpeft_cli.errors import UserError
 from scpeft_cli.markers.capture import attention_of, last_layer_qkv, query_key
-from scpeft_cli.markers.pooling import reader_weights
 from scpeft_cli.tokenizers.base import TokenizedCells
 from scpeft_cli.training.runtime import Runtime
 
@@ -44,7 +43,7 @@ def rank_normalised_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor
     """(batch, length) score of every key for the reader query, averaged over heads; 0 at padding.
 
     q, k: (batch, heads, length, head_dim); valid: (batch, length) real tokens; reader: (batch, length)
-    weights of the pooled query (`pooling.reader_weights`).
+    weights of the pooled query (`Backbone.pooling_weights`).
     """
     batch, heads, length, _ = q.shape
     pad_keys = ~valid[:, None, None, :]
@@ -88,7 +87,7 @@ def state_sums(
                 model.embed(batch)
             valid = ~batch["padding_mask"]
             q, k = query_key(captured["qkv"], n_heads=n_heads, n_tokens=valid.shape[1])
-            scores = rank_normalised_scores(q, k, valid, reader_weights(backbone, batch)).cpu().numpy()
+            scores = rank_normalised_scores(q, k, valid, backbone.pooling_weights(batch)).cpu().numpy()
             real = valid.cpu().numpy()
             columns = np.where(real, token_column[np.where(real, batch["gene_ids"].cpu().numpy(), 0)], -1)  # padding ids may lie beyond
             rows = np.broadcast_to(states[done : done + len(scores), None], columns.shape)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from scpeft_cli.backbones.base import Backbone
+from scpeft_cli.backbones.base import Backbone, first_position_weights, normalised_weights
 from scpeft_cli.backbones.dropout import Dropout
 from scpeft_cli.backbones.layers import TransformerLayer
 from scpeft_cli.errors import UserError
@@ -168,6 +168,12 @@ class Geneformer(Backbone):
             if special is not None:
                 mask = mask & (gene_ids != special)
         return mask
+
+    def pooling_weights(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`<cls>` with pooling=cls, else every gene token equally."""
+        if self.pooling == "cls":
+            return first_position_weights(batch)
+        return normalised_weights(self.gene_token_mask(batch).float())
 
     def cell_embedding(self, states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.pooling == "cls":
